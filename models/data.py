@@ -1,0 +1,88 @@
+"""Training data: random crops from a folder of photos, drawn statelessly from (seed, rank, step).
+
+Each batch is a pure function of its step number, so a resumed run sees exactly the batches an
+uninterrupted run would have, with no sampler state to save; each DDP rank draws its own stream.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class DataError(ValueError):
+    """A data folder that cannot be trained on (missing, empty, unreadable or too-small images)."""
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no images (.png/.jpg/...) in data folder: {folder}")
+    return files
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8; any PIL mode is converted to 8-bit RGB."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+                im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class RandomCrops:
+    """Random crop×crop patches (optionally h-flipped) from every image of a folder at least that big."""
+
+    def __init__(self, folder: str | Path, crop: int, flips: bool = False, seed: int = 0, rank: int = 0,
+                 cache: bool = True):
+        self.crop, self.flips, self.seed, self.rank, self.cache = crop, flips, seed, rank, cache
+        self.files, self.sizes = [], []
+        for path in list_images(folder):
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"cannot read image {path}: {e}") from None
+            if min(h, w) >= crop:
+                self.files.append(path)
+                self.sizes.append((h, w))
+        if not self.files:
+            raise DataError(f"no image in {folder} is at least {crop}×{crop} pixels")
+        self._cache: dict[int, np.ndarray] = {}
+
+    def image(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            return self._cache[index]
+        img = load_rgb(self.files[index])
+        if self.cache:
+            self._cache[index] = img
+        return img
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """(B, 3, crop, crop) float32 in [0, 1] for this step."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_000_007 + step)
+        picks = torch.randint(len(self.files), (batch_size,), generator=gen).tolist()
+        out = torch.empty(batch_size, 3, self.crop, self.crop)
+        for i, index in enumerate(picks):
+            h, w = self.sizes[index]
+            top = int(torch.randint(h - self.crop + 1, (1,), generator=gen))
+            left = int(torch.randint(w - self.crop + 1, (1,), generator=gen))
+            patch = torch.from_numpy(self.image(index)[top:top + self.crop, left:left + self.crop].copy())
+            patch = patch.permute(2, 0, 1).float().div_(255.0)
+            if self.flips and bool(torch.randint(2, (1,), generator=gen)):
+                patch = patch.flip(-1)
+            out[i] = patch
+        return out
+
+
+def full_images(folder: str | Path, limit: int) -> list[torch.Tensor]:
+    """Up to `limit` whole images as (1, 3, H, W) float tensors, for validation."""
+    return [torch.from_numpy(load_rgb(p).copy()).permute(2, 0, 1)[None].float() / 255.0 for p in list_images(folder)[:limit]]

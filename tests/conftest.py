@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def photo_dir(tmp_path) -> Path:
+    """Four smooth synthetic 'photos' (gradients + blobs), so a model can learn something in a few steps."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:112] / 96.0
+    for i in range(4):
+        img = np.stack([np.sin(3 * xx + i) , np.cos(2 * yy - i), xx * yy], -1) * 0.4 + 0.5
+        img += 0.05 * rng.standard_normal(img.shape)
+        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder

@@ -1,0 +1,118 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from models import ModelConfig, build_model, elbo_loss
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.toml"
+
+
+def run_train(*args) -> int:
+    return train.main([str(TINY), "--threads=1", "--amp=none", *map(str, args)])
+
+
+def test_config_precedence_defaults_then_toml_then_command_line(tmp_path):
+    cfg, model_cfg, flags = train.resolve_config([str(TINY), "--beta=0.5", "--flips=true", "--resume"])
+    assert cfg.beta == 0.5 and cfg.flips is True  # command line wins
+    assert cfg.crop == 64 and model_cfg.channels == 16  # from tiny.toml
+    assert cfg.kl_warmup == 10 and cfg.lr_decay_rate == 1.0  # toml, default
+    assert flags == {"resume"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bta=1"], "unknown config key --bta"),
+    (["--beta=high"], "--beta expects a float"),
+    (["--flips=maybe"], "--flips expects true or false"),
+    (["--arch=gan"], "unknown arch 'gan'"),
+    (["--restart"], "unknown flags"),
+])
+def test_bad_config_values_are_rejected_with_a_clear_message(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.resolve_config(argv)
+
+
+def test_a_few_steps_on_synthetic_images_lower_the_loss(photo_dir):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4,
+                                    likelihood="gaussian", gamma=0.1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = train.RandomCrops(photo_dir, 64).batch(0, 4)
+    losses, psnrs = [], []
+    for _ in range(30):
+        terms = elbo_loss(model, x, model(x), beta=0.1, kl_weight=1.0)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        losses.append(terms["loss"].item())
+        psnrs.append(terms["psnr"].item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert psnrs[-1] > psnrs[0] + 2.0
+
+
+def test_kl_warmup_is_linear_then_flat():
+    assert train.kl_weight(0, 100) == 0 and train.kl_weight(50, 100) == 0.5
+    assert train.kl_weight(100, 100) == 1 and train.kl_weight(500, 100) == 1 and train.kl_weight(3, 0) == 1
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(photo_dir, tmp_path):
+    common = [f"--data_dir={photo_dir}", f"--export_dir={tmp_path / 'w'}", "--learn_gamma=true"]
+    assert run_train(*common, f"--out_dir={tmp_path / 'a'}", "--steps=6") == 0
+    assert run_train(*common, f"--out_dir={tmp_path / 'b'}", "--steps=3") == 0
+    assert run_train(f"--out_dir={tmp_path / 'b'}", "--steps=6", "--resume") == 0
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log_a[-1]["loss"] == log_b[-1]["loss"]
+
+
+def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
+    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'w'}",
+                     "--steps=2", "--tag=smoke") == 0
+    (path,) = (tmp_path / "w").glob("pln-smoke-*.pt")
+    blob = torch.load(path, weights_only=True)
+    assert blob["config"]["channels"] == 16 and blob["meta"]["step"] == 2
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["crop"] == 64 and config["arch"] == "pln"
+
+
+def test_validation_reports_kl_psnr_on_whole_held_out_images(photo_dir, tmp_path):
+    assert run_train(f"--data_dir={photo_dir}", f"--val_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}",
+                     f"--export_dir={tmp_path / 'w'}", "--steps=10") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "val_psnr" in records[-1] and records[-1]["val_kl_bpp"] > 0
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: d / "missing", "data folder not found"),
+    (lambda d: d, "no images"),
+    (lambda d: (d / "a.png").write_bytes(b"not a png") and d, "cannot read image"),
+])
+def test_bad_data_folder_gives_one_clear_error(tmp_path, capsys, make, message):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    folder = make(folder)
+    assert run_train(f"--data_dir={folder}", f"--out_dir={tmp_path / 'run'}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error:") and message in err[0]
+
+
+def test_ddp_with_two_gloo_processes_trains_and_saves_once(photo_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(REPO / "train.py"), str(TINY), f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'ddp'}",
+           f"--export_dir={tmp_path / 'w'}", "--steps=3", "--amp=none", "--threads=1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "ddp" / "ckpt.pt").exists()
+    assert len(list((tmp_path / "w").glob("*.pt"))) == 1

@@ -1,0 +1,301 @@
+"""β-ELBO training of the Gaussian VAE / PLN, with KL warm-up, resume, bf16 autocast and DDP.
+
+    python train.py configs/pln_cpu.toml --data_dir=photos/ --out_dir=runs/cpu-b0.1 --beta=0.1
+    python train.py configs/pln_cpu.toml --out_dir=runs/cpu-b0.1 --resume     # continue where it stopped
+    python train.py --out_dir=runs/cpu-b0.1 --export                          # write weights/<arch>-<tag>-<sha8>.pt
+    torchrun --nproc_per_node=2 train.py configs/pln_thesis_b0.1.toml --device=cuda ...
+
+Defaults live in TrainConfig and models.ModelConfig; a TOML file overrides them; `--key=value` wins.
+Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), all in nats.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models import ModelConfig, build_model, elbo_loss, save_model, unwrap
+from models.data import DataError, RandomCrops, full_images
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str = ""  # folder of training photos (searched recursively)
+    val_dir: str = ""  # optional held-out folder, validated on whole images
+    out_dir: str = "runs/default"  # checkpoint, config.json and log.jsonl go here
+    crop: int = 256  # random crop size
+    batch_size: int = 8  # per process
+    flips: bool = False  # random horizontal flips (the thesis used none)
+    steps: int = 200_000
+    lr: float = 3e-5  # Adam, as in the thesis
+    lr_decay_rate: float = 1.0  # lr · rate^(t / lr_decay_steps); 1.0 = constant
+    lr_decay_steps: int = 1500
+    grad_clip: float = 0.0  # max gradient norm (of the summed-nats loss), 0 = off
+    gamma_lr: float = 0.0  # learning rate of a learned log γ, 0 = lr (γ moves slowly at lr 3e-5)
+    beta: float = 0.1
+    kl_warmup: int = 46_540  # W, steps of linear KL warm-up (thesis: 4 epochs)
+    seed: int = 1337
+    device: str = "cpu"  # "cpu" or "cuda"
+    amp: str = "auto"  # "bf16" autocast for the networks (KL, likelihood stay fp32), "none", or "auto":
+    # bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), fp32 elsewhere (bf16 is emulated there, ~30× slower)
+    channels_last: bool = True
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+    log_every: int = 25
+    val_every: int = 2000
+    val_images: int = 8
+    ckpt_minutes: float = 5.0  # write a checkpoint at least this often
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time, 0 = no limit
+    max_bad_steps: int = 20  # abort after this many consecutive non-finite losses
+    tag: str = ""  # export tag, default: the out_dir name
+    export_dir: str = "weights"
+    export_dtype: str = "float32"  # "float32", "float16" or "bfloat16"
+
+
+MODEL_KEYS = {f.name for f in fields(ModelConfig)}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+def parse_value(key: str, text: str, default):
+    """Parse `--key=value` against the type of the default (bools accept true/false/1/0)."""
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--{key} expects true or false, got {text!r}")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"--{key} expects a {type(default).__name__}, got {text!r}") from None
+
+
+def resolve_config(argv: list[str], base: dict | None = None) -> tuple[TrainConfig, ModelConfig, set[str]]:
+    """defaults < `base` (a checkpoint's config) < TOML files < --key=value. Returns the configs and flags."""
+    defaults = {**asdict(TrainConfig()), **ModelConfig().to_dict()}
+    values, flags = dict(base or {}), set()
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            continue
+        if arg.startswith("--"):
+            flags.add(arg[2:])
+        else:
+            with open(arg, "rb") as f:
+                for key, value in tomllib.load(f).items():
+                    if key not in defaults:
+                        raise ValueError(f"{arg}: unknown config key {key!r}")
+                    values[key] = value
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            if key not in defaults:
+                raise ValueError(f"unknown config key --{key}")
+            values[key] = parse_value(key, text, defaults[key])
+    for key, value in values.items():
+        default = defaults[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif type(values[key]) is not type(default):
+            raise ValueError(f"config key {key!r} expects {type(default).__name__}, got {value!r}")
+    unknown_flags = flags - {"resume", "export"}
+    if unknown_flags:
+        raise ValueError(f"unknown flags: {sorted('--' + f for f in unknown_flags)}")
+    train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_KEYS})
+    model_cfg = ModelConfig(**{k: v for k, v in values.items() if k in MODEL_KEYS})
+    return train_cfg, model_cfg, flags
+
+
+class Objective(torch.nn.Module):
+    """Model + loss in one module, so DDP all-reduces every gradient, the learned γ's included."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, beta: float, weight: float, autocast) -> dict:
+        with autocast:
+            out = self.model(x)
+        return elbo_loss(self.model, x, out, beta, weight)
+
+
+def use_bf16(amp: str, device: torch.device) -> bool:
+    if amp not in ("auto", "bf16", "none"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {amp!r}")
+    if amp != "auto":
+        return amp == "bf16"
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def kl_weight(step: int, warmup: int) -> float:
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * cfg.lr_decay_rate ** (step / max(1, cfg.lr_decay_steps))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, best_val: float) -> None:
+    """Atomic: write a temporary file, then rename over the old checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": "rec-ckpt/1", "config": config, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step, "best_val": best_val}, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
+    """KL bpp, PSNR and MS-SSIM of one posterior-sample reconstruction per whole image (fp32)."""
+    from pytorch_msssim import ms_ssim
+
+    model.eval()
+    kl_bits = pixels = 0.0
+    psnr, msssim = [], []
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(0)  # the same posterior noise at every validation
+    for x in images:
+        x = x.to(device)
+        out = model(x)
+        kl_bits += sum(k.sum().item() for k in out["kl"].values()) / math.log(2)
+        pixels += x.shape[-2] * x.shape[-1]
+        x8, y8 = (x * 255).round(), (out["x_hat"] * 255).round()
+        psnr.append(10 * math.log10(255**2 / max(1e-10, torch.mean((x8 - y8) ** 2).item())))
+        if min(x.shape[-2:]) > 160:  # MS-SSIM's five scales need > 160 pixels
+            msssim.append(ms_ssim(x8, y8, data_range=255).item())
+    torch.set_rng_state(gen_state)
+    model.train()
+    result = {"val_kl_bpp": kl_bits / pixels, "val_psnr": sum(psnr) / len(psnr)}
+    if msssim:
+        result["val_ms_ssim"] = sum(msssim) / len(msssim)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    is_main = rank == 0
+    try:
+        cfg, model_cfg, flags = resolve_config(argv)
+        ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        ckpt = None
+        if "resume" in flags or "export" in flags:
+            if not ckpt_path.exists():
+                raise ValueError(f"no checkpoint to resume from: {ckpt_path}")
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            cfg, model_cfg, _ = resolve_config(argv, base=ckpt["config"])
+            if model_cfg.to_dict() != {k: ckpt["config"][k] for k in MODEL_KEYS}:
+                raise ValueError("model settings cannot change on resume; start a new out_dir instead")
+        if "export" not in flags:
+            data = RandomCrops(cfg.data_dir, cfg.crop, cfg.flips, seed=cfg.seed, rank=rank)
+            val_images = full_images(cfg.val_dir, cfg.val_images) if cfg.val_dir and is_main else []
+    except (ValueError, DataError, OSError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if world > 1:
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else "cpu")
+    config = {**asdict(cfg), **model_cfg.to_dict()}
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
+    model = build_model(model_cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    gamma_params = [p for n, p in model.named_parameters() if n == "likelihood.log_gamma"]
+    other_params = [p for n, p in model.named_parameters() if n != "likelihood.log_gamma"]
+    optimizer = torch.optim.Adam([{"params": other_params, "lr_scale": 1.0},
+                                  {"params": gamma_params, "lr_scale": cfg.gamma_lr / cfg.lr if cfg.gamma_lr else 1.0}],
+                                 lr=cfg.lr)
+    step, best_val = 0, float("inf")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val = ckpt["step"], ckpt["best_val"]
+    tag = cfg.tag or Path(cfg.out_dir).name
+    if "export" in flags:
+        path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype), meta={"step": step})
+        print(path)
+        return 0
+
+    if is_main:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "config.json").write_text(json.dumps(config, indent=2))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(json.dumps(config), file=sys.stderr)
+        print(f"{model_cfg.arch}: {n_params / 1e6:.2f} M parameters; {len(data.files)} training images; "
+              f"starting at step {step}; {'bf16 autocast' if use_bf16(cfg.amp, device) else 'fp32'}", file=sys.stderr)
+    objective = Objective(model)
+    net = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    log = open(Path(cfg.out_dir) / "log.jsonl", "a") if is_main else None
+    bf16 = use_bf16(cfg.amp, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    start = last_ckpt = time.time()
+    bad_steps = 0
+    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    model.train()
+    while step < cfg.steps:
+        x = data.batch(step, cfg.batch_size).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_000_007 + step)  # posterior noise of this step
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
+        terms = net(x, cfg.beta, kl_weight(step + 1, cfg.kl_warmup), autocast)
+        if not torch.isfinite(terms["loss"]):
+            bad_steps += 1
+            if bad_steps >= cfg.max_bad_steps:
+                print(f"train.py: error: {bad_steps} non-finite losses in a row at step {step}", file=sys.stderr)
+                return 1
+            step += 1  # skip this batch; the weights are untouched
+            continue
+        bad_steps = 0
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        step += 1
+        bar.update(1)
+
+        if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            record = {"step": step, "time": round(time.time() - start, 1), "lr": learning_rate(cfg, step),
+                      "grad_norm": round(float(grad_norm), 2), **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
+            bar.set_postfix(loss=f"{record['loss']:.0f}", kl_bpp=f"{record['kl_bpp']:.3f}",
+                            psnr=f"{record['psnr']:.2f}")
+            if val_images and step % cfg.val_every == 0:
+                record.update(validate(model, val_images, device))
+                best_val = min(best_val, record["loss"])
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
+        if is_main and (time.time() - last_ckpt > 60 * cfg.ckpt_minutes or step == cfg.steps or out_of_time):
+            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val)
+            last_ckpt = time.time()
+        if out_of_time:
+            break
+    bar.close()
+    if is_main:
+        save_checkpoint(ckpt_path, model, optimizer, step, config, best_val)
+        if step >= cfg.steps:
+            path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype), meta={"step": step})
+            print(f"exported {path}", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
