@@ -139,6 +139,15 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def tensorboard_writer(out_dir: str):
+    """A SummaryWriter when the tensorboard package is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(out_dir)
+
+
 def kl_weight(step: int, warmup: int) -> float:
     return 1.0 if warmup <= 0 else min(1.0, step / warmup)
 
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     objective = Objective(model)
     net = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     log = open(Path(cfg.out_dir) / "log.jsonl", "a") if is_main else None
+    board = tensorboard_writer(cfg.out_dir) if is_main else None
     bf16 = use_bf16(cfg.amp, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     start = last_ckpt = time.time()
@@ -280,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
                 best_val = min(best_val, record["loss"])
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if board is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        board.add_scalar(key, value, step)
         out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
         if is_main and (time.time() - last_ckpt > 60 * cfg.ckpt_minutes or step == cfg.steps or out_of_time):
             save_checkpoint(ckpt_path, model, optimizer, step, config, best_val)

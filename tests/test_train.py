@@ -116,3 +116,12 @@ def test_ddp_with_two_gloo_processes_trains_and_saves_once(photo_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "ddp" / "ckpt.pt").exists()
     assert len(list((tmp_path / "w").glob("*.pt"))) == 1
+
+
+def test_extract_patches_writes_coef_times_tiles_patches_per_image(photo_dir, tmp_path):
+    from scripts.extract_patches import main as extract
+
+    assert extract(["--src", str(photo_dir), "--out", str(tmp_path / "p"), "--crop", "40", "--coef", "3"]) == 0
+    patches = sorted((tmp_path / "p").glob("*.png"))
+    assert len(patches) == 4 * 3 * (96 // 40) * (112 // 40)  # 4 images of 96×112
+    assert all(train.RandomCrops(tmp_path / "p", 32).sizes[i] == (40, 40) for i in range(3))

@@ -1,0 +1,63 @@
+"""Cut a folder of photos into fixed training patches, as the thesis code prepared CLIC.
+
+For every image, coef·⌊H/crop⌋·⌊W/crop⌋ random crop×crop patches are written as PNG (thesis code: coef 10,
+crop 360, then random 256² crops at train time). Train on the result with `train.py --data_dir=OUT`.
+
+    python scripts/extract_patches.py --src clic/train --out patches/ [--crop 360] [--coef 10] [--seed 0]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.data import DataError, list_images, load_rgb
+
+
+def patches_of(img: np.ndarray, crop: int, coef: int, rng: np.random.Generator) -> list[np.ndarray]:
+    h, w = img.shape[:2]
+    count = coef * (h // crop) * (w // crop)
+    tops = rng.integers(0, h - crop + 1, count)
+    lefts = rng.integers(0, w - crop + 1, count)
+    return [img[t:t + crop, l:l + crop] for t, l in zip(tops, lefts)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", required=True, help="folder of photos (searched recursively)")
+    parser.add_argument("--out", required=True, help="output folder for the patches")
+    parser.add_argument("--crop", type=int, default=360)
+    parser.add_argument("--coef", type=int, default=10, help="patches per crop-sized tile of each image")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        files = list_images(args.src)
+    except DataError as e:
+        print(f"extract_patches: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    written = skipped = 0
+    for path in tqdm(files, desc="images", file=sys.stderr):
+        try:
+            img = load_rgb(path)
+        except DataError as e:
+            print(f"extract_patches: skipping {path}: {e}", file=sys.stderr)
+            skipped += 1
+            continue
+        for i, patch in enumerate(patches_of(img, args.crop, args.coef, rng)):
+            Image.fromarray(patch).save(out / f"{path.stem}_{i:04d}.png")
+            written += 1
+    print(f"{written} patches of {args.crop}×{args.crop} from {len(files) - skipped} images in {out}", file=sys.stderr)
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
