@@ -1,0 +1,326 @@
+"""Image <-> .rec bytes: the top-down REC flow over a model's latent levels, and model lookup.
+
+    encoder: feats = bottom_up(pad(x)); for level L..1: prior(level, z_above) -> posterior
+             -> encode_level -> the CODED sample z_level (what the decoder will rebuild)
+    decoder: for level L..1: prior(level, z_above) -> decode_level -> z_level
+    both:    x_hat = synthesize(z1)[..., :H, :W] -> clamp -> 8-bit
+
+For the PLN the level-1 prior AND posterior are computed from the coded z2, exactly as the
+decoder sees it. The encoder returns the 8-bit image its file decodes to; on the same device
+(and torch build) the decoder reproduces it bit for bit. On another device the networks may
+differ by rounding: the decoded image may then differ slightly, but the file cannot be
+misparsed, because the coder reads indices and side information from the bytes and the
+latent shape alone and uses the prior only to scale the decoded candidates.
+
+Memory: images are processed whole (no tiling), so the pixel count is limited by `max_pixels`
+(default MAX_PIXELS = 12 Mpx, e.g. 4000x3000). Measured peak with the thesis-size PLN on CPU:
+about 0.85 GB per megapixel, so about 10 GB at the limit.
+"""
+
+import json
+import os
+import re
+import zlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from codec import CoderParams, RecDecodeError, decode_level, encode_level
+from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
+from codec.image import to_tensor, to_uint8
+from models import LatentVariableModel, file_sha256, load_model
+
+MAX_PIXELS = 12_000_000  # whole-image processing; see the module docstring
+PRESETS = ("thesis", "fast")
+REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+class ModelNotFoundError(LookupError):
+    """The model a .rec file (or --model) names cannot be found, or its hash differs."""
+
+
+class ImageTooLargeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """How a .rec names its model: the model file's stem and the first 8 bytes of its SHA-256."""
+
+    name: str
+    sha256: bytes
+    path: Path | None = None
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike) -> "ModelRef":
+        path = Path(path)
+        name = re.sub(r"[^A-Za-z0-9._+-]", "_", path.stem)[:64] or "model"
+        return cls(name, bytes.fromhex(file_sha256(path)[:16]), path)
+
+
+# ---- coding ------------------------------------------------------------------------------------
+
+
+def _coder(params: CoderParams | str) -> tuple[str, CoderParams]:
+    if isinstance(params, str):
+        return params, CoderParams.preset(params)
+    names = [n for n in PRESETS if CoderParams.preset(n) == params]
+    return (names[0] if names else "custom"), params
+
+
+def _check_size(height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {height * width} pixels, above the "
+                                 f"limit of {max_pixels} (images are coded whole)")
+
+
+def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (H, W, 3) array, or a (1|-, 3, H, W) tensor (uint8, or float in [0, 1])."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+        return to_tensor(image)
+    x = image if image.ndim == 4 else image[None]
+    if x.shape[0] != 1 or x.shape[1] != 3:
+        raise ValueError(f"expected a (1, 3, H, W) tensor, got {tuple(image.shape)}")
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _deterministic(device: torch.device) -> None:
+    if device.type == "cuda":  # same device => same bits: no autotuned conv algorithms
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+@torch.inference_mode()
+def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor, *, model_ref: ModelRef,
+                   seed: int = 0, params: CoderParams | str = "thesis", device: str | torch.device = "cpu",
+                   max_pixels: int = MAX_PIXELS) -> tuple[bytes, np.ndarray, dict]:
+    """Compress one image into .rec bytes.
+
+    Args:
+        model: a VAE (1 level) or PLN (2 levels); moved to `device`.
+        image: (H, W, 3) uint8, or a (1, 3, H, W) tensor (uint8 or float in [0, 1]).
+        model_ref: name + SHA-256 prefix of the model file, written into the header.
+        seed: the file seed of the shared randomness, in [0, 2^64).
+        params: a CoderParams or a preset name ("thesis", "fast").
+    Returns:
+        (data, x_hat, stats): the file bytes, the (H, W, 3) uint8 image they decode to, and
+        {"height", "width", "bytes", "bpp" (8 * bytes / (H W), header included), "kl_bits",
+        "kl_bpp", "levels" (the coder's per-level stats), "seconds"}.
+    Raises:
+        ImageTooLargeError: more than max_pixels pixels. ValueError: bad arguments.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    _deterministic(device)
+    coder, params = _coder(params)
+    if model.num_levels not in (1, 2):
+        raise ValueError(f"models with {model.num_levels} levels are not supported")
+    x = _as_image(image).to(device)  # (1, 3, H, W)
+    height, width = x.shape[-2:]
+    _check_size(height, width, max_pixels)
+    model = model.to(device).eval()
+    feats = model.bottom_up(model.pad(x))
+    z, sections, levels = None, [], []
+    for level in range(model.num_levels, 0, -1):
+        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)))
+        q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
+        # z is the CODED sample: the next level's prior and posterior are computed from it
+        z, data, stats = encode_level(q_loc, q_scale, p_loc, p_scale, seed=seed, level=level,
+                                      params=params, return_stats=True)
+        sections.append(data)
+        levels.append(stats)
+        del q_loc, q_scale
+    del feats
+    x_hat = to_uint8(model.synthesize(z)[..., :height, :width])
+    header = RecHeader(model_ref.name, model_ref.sha256, height, width, seed, coder,
+                       params_to_bytes(coder, params, model.num_levels))
+    data = pack_rec(header, sections)
+    kl_bits = sum(s["kl_bits"] for s in levels)
+    stats = {"height": height, "width": width, "bytes": len(data), "bpp": 8 * len(data) / (height * width),
+             "kl_bits": kl_bits, "kl_bpp": kl_bits / (height * width), "levels": levels,
+             "seconds": time.perf_counter() - t0}
+    return data, x_hat, stats
+
+
+# Coder parameters in the header. A preset ("thesis", "fast") is sent by name in the `coder`
+# field plus, as a check, its CoderParams.format_bytes(level) for each level (the fields a decoder
+# depends on): b"P" + bytes. Any other parameters are sent in full: b"J" + zlib(JSON).
+_MAX_JSON = 1 << 16
+
+
+def params_to_bytes(coder: str, params: CoderParams, num_levels: int) -> bytes:
+    if coder in PRESETS:
+        return b"P" + b"".join(params.format_bytes(lv) for lv in range(num_levels, 0, -1))
+    return b"J" + zlib.compress(params.to_bytes(), 9)
+
+
+def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:
+    """The CoderParams a file was written with; RecFormatError if missing, invalid or changed."""
+    data, tag = header.coder_params[1:], header.coder_params[:1]
+    if tag == b"P":
+        if header.coder not in PRESETS:
+            raise RecFormatError("coder", f"unknown coder preset {header.coder!r} (this build has "
+                                 f"{', '.join(PRESETS)})")
+        params = CoderParams.preset(header.coder)
+        if b"".join(params.format_bytes(lv) for lv in range(num_levels, 0, -1)) != data:
+            raise RecFormatError("coder_params", f"the coder preset {header.coder!r} of this build differs "
+                                 "from the one the file was written with")
+        return params
+    if tag == b"J":
+        try:
+            d = zlib.decompressobj()
+            text = d.decompress(data, _MAX_JSON)
+            if d.unconsumed_tail or not d.eof:
+                raise ValueError("bad zlib stream")
+            return CoderParams.from_dict(json.loads(text.decode("utf-8")))
+        except (zlib.error, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise RecFormatError("coder_params", f"invalid coder parameters ({e})") from None
+    raise RecFormatError("coder_params", f"unknown encoding {tag!r}")
+
+
+def describe_params(header: RecHeader, num_levels: int) -> dict:
+    """JSON view of a header's coder parameters for `compress.py info` (never raises)."""
+    try:
+        params = params_from_header(header, num_levels)
+    except RecFormatError as e:
+        return {"error": str(e)}
+    return params.to_dict()
+
+
+Resolver = Callable[[RecHeader], LatentVariableModel]
+
+
+@torch.inference_mode()
+def decompress(data: bytes, resolve: Resolver, device: str | torch.device = "cpu",
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, RecHeader]:
+    """Decode .rec bytes into the (H, W, 3) uint8 image the encoder returned.
+
+    Args:
+        resolve: header -> model (e.g. a ModelStore); raises ModelNotFoundError.
+    Raises:
+        RecFormatError: corrupt, truncated or unsupported data (the coder's errors are wrapped,
+            naming the section). ModelNotFoundError: from `resolve`.
+    """
+    device = torch.device(device)
+    _deterministic(device)
+    header, sections = unpack_rec(data)
+    if header.height * header.width > max_pixels:
+        raise RecFormatError("height", f"{header.width}x{header.height} is above the limit of {max_pixels} pixels")
+    model = resolve(header).to(device).eval()
+    if len(sections) != model.num_levels:
+        raise RecFormatError("n_sections", f"{len(sections)} sections, but the model has {model.num_levels} levels")
+    params = params_from_header(header, model.num_levels)
+    height, width, z = header.height, header.width, None
+    for i, level in enumerate(range(model.num_levels, 0, -1)):
+        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)))
+        try:
+            z = decode_level(p_loc, p_scale, sections[i], seed=header.seed, level=level, params=params)
+        except RecDecodeError as e:
+            raise RecFormatError(f"section {i + 1} (level {level})", str(e)) from None
+    return to_uint8(model.synthesize(z)[..., :height, :width]), header
+
+
+# ---- model files ---------------------------------------------------------------------------------
+
+
+def model_dirs() -> list[Path]:
+    """Where models are looked up: each entry of $REC_MODEL_DIR (os.pathsep-separated), then weights/."""
+    env = [Path(p) for p in os.environ.get("REC_MODEL_DIR", "").split(os.pathsep) if p]
+    return env + [REPO_WEIGHTS]
+
+
+def _model_files(dirs: list[Path]) -> list[Path]:
+    files = []
+    for d in dirs:
+        if d.is_dir():
+            files += sorted(p for p in d.glob("*.pt") if p.is_file())
+    return files
+
+
+def find_model(arg: str | None, dirs: list[Path] | None = None) -> Path:
+    """The model file for `--model`: a path, a file name/stem, or a hex SHA-256 prefix (>= 4 digits)
+    found in `dirs`; with no argument the file named by `DEFAULT` in one of `dirs`."""
+    dirs = model_dirs() if dirs is None else dirs
+    where = ", ".join(str(d) for d in dirs) or "(no folders)"
+    if arg is None:
+        for d in dirs:
+            if (d / "DEFAULT").is_file():
+                name = (d / "DEFAULT").read_text().strip()
+                if (d / name).is_file():
+                    return d / name
+                raise ModelNotFoundError(f"{d / 'DEFAULT'} names {name!r}, which is not in {d}")
+        raise ModelNotFoundError(f"no model given and no DEFAULT file in {where}; pass --model PATH")
+    if Path(arg).is_file():
+        return Path(arg)
+    stem = arg[:-3] if arg.endswith(".pt") else arg
+    is_hash = re.fullmatch(r"[0-9a-fA-F]{4,64}", arg) is not None
+    hits = [p for p in _model_files(dirs)
+            if p.stem == stem or p.stem.startswith(stem + "-")
+            or (is_hash and p.stem.rsplit("-", 1)[-1].startswith(arg.lower()[:8]))]
+    if is_hash and len(arg) > 8:  # a longer prefix than the file name holds: check the content
+        hits = [p for p in hits if file_sha256(p).startswith(arg.lower())]
+    hits = list(dict.fromkeys(hits))
+    if not hits:
+        raise ModelNotFoundError(f"model {arg!r} not found (searched {where})")
+    if len({p.name for p in hits}) > 1:
+        raise ModelNotFoundError(f"model {arg!r} is ambiguous: {', '.join(sorted(p.name for p in hits))}")
+    return hits[0]
+
+
+class ModelStore:
+    """Loads models from files and resolves a .rec header to its model, checking the hash.
+
+    Lookup order: `model_path` (the user's --model PATH) if given, else files in `dirs` named
+    `*-<sha8>.pt`, then any other `*.pt` there whose hash matches.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", dirs: list[Path] | None = None,
+                 model_path: str | os.PathLike | None = None):
+        self.device = device
+        self.dirs = model_dirs() if dirs is None else dirs
+        self.model_path = Path(model_path) if model_path is not None else None
+        self._refs: dict[Path, ModelRef] = {}
+        self._models: dict[Path, LatentVariableModel] = {}
+
+    def ref(self, path: Path) -> ModelRef:
+        key = path.resolve()
+        if key not in self._refs:
+            self._refs[key] = ModelRef.of_file(path)
+        return self._refs[key]
+
+    def load(self, path: str | os.PathLike) -> tuple[LatentVariableModel, ModelRef]:
+        path = Path(path)
+        ref = self.ref(path)
+        key = path.resolve()
+        if key not in self._models:
+            try:
+                self._models[key] = load_model(path, self.device)[0]
+            except Exception as e:  # torch/pickle raise many types for a bad file
+                raise ModelNotFoundError(f"cannot load model file {path}: {str(e).splitlines()[0][:200]}") from None
+        return self._models[key], ref
+
+    def find(self, header: RecHeader) -> Path:
+        want = header.model_hash.hex()
+        need = f"this file needs model {header.model_name} (SHA-256 {want}...)"
+        if self.model_path is not None:
+            got = self.ref(self.model_path).sha256.hex()
+            if got != want:
+                raise ModelNotFoundError(f"{need}, but {self.model_path} has SHA-256 {got}...")
+            return self.model_path
+        files = _model_files(self.dirs)
+        named = [p for p in files if p.stem.endswith("-" + want[:8]) or p.stem == header.model_name]
+        for p in named + [p for p in files if p not in named]:
+            if self.ref(p).sha256 == header.model_hash:
+                return p
+        hint = "".join(f"; {p} has SHA-256 {self.ref(p).sha256.hex()}..." for p in named)
+        where = ", ".join(str(d) for d in self.dirs)
+        raise ModelNotFoundError(f"{need}: not found in {where}{hint}; pass --model PATH or set REC_MODEL_DIR")
+
+    def __call__(self, header: RecHeader) -> LatentVariableModel:
+        return self.load(self.find(header))[0]

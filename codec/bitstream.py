@@ -1,0 +1,211 @@
+"""The `.rec` container: RecHeader, pack/unpack, CRC32, versions and strict validation.
+
+Layout (big-endian; the full spec with examples is docs/rec-format.md):
+
+    magic "\\x89REC" | u8 format_version | u8 rng_version | 8s model_sha256[:8]
+    | u32 height | u32 width | u64 seed
+    | u8 len + model_name (ASCII) | u8 len + coder (ASCII) | u16 len + coder_params (bytes)
+    | u8 n_sections | n_sections x (u8 level | u32 len | bytes)     # top level first
+    | u32 CRC32 of everything before
+
+Reading checks the magic and the format version first (a future version may change the
+layout), then the CRC, then every field against the limits below. Any failure raises
+RecFormatError naming the field at fault. Bump FORMAT_VERSION on ANY change of the layout.
+"""
+
+import os
+import re
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from codec.rng import RNG_VERSION
+
+MAGIC = b"\x89REC"
+FORMAT_VERSION = 1
+SUPPORTED_RNG_VERSIONS = (RNG_VERSION,)
+
+MAX_SIDE = 1 << 16  # pixels per side: no image a codec can hold in memory is larger
+MAX_NAME = 64  # model name / coder id characters
+MAX_PARAMS = 4096  # bytes of coder parameters (parsed and checked by codec.api)
+MAX_SECTIONS = 8  # latent levels
+MAX_FILE_BYTES = 1 << 30
+NAME_RE = re.compile(rf"[A-Za-z0-9._+-]{{1,{MAX_NAME}}}")
+
+_FIXED = struct.Struct(">4sBB8sIIQ")  # magic .. seed: 30 bytes
+_MIN_SIZE = _FIXED.size + 2 + 2 + 2 + 1 + 5 + 4  # 1-char names, no params, one empty section
+
+
+class RecFormatError(ValueError):
+    """A .rec file is corrupted, truncated, of another version or otherwise invalid.
+
+    `field` names the part of the file at fault (e.g. "crc", "format_version", "section 1").
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RecHeader:
+    model_name: str  # the model file's stem, e.g. "pln-mse-1a2b3c4d"
+    model_hash: bytes  # the first 8 bytes of the model file's SHA-256
+    height: int
+    width: int
+    seed: int
+    coder: str = "thesis"  # the coder preset the file was written with (informational)
+    coder_params: bytes = b""  # what the decoder depends on (codec.api.params_to_bytes)
+    rng_version: int = RNG_VERSION
+
+    def validate(self) -> None:
+        """Raise RecFormatError unless every field is within the format's limits."""
+        if self.rng_version not in SUPPORTED_RNG_VERSIONS:
+            raise RecFormatError("rng_version", f"RNG version {self.rng_version} is not supported "
+                                 f"(this build has {', '.join(map(str, SUPPORTED_RNG_VERSIONS))})")
+        if not isinstance(self.model_hash, bytes) or len(self.model_hash) != 8:
+            raise RecFormatError("model_hash", "must be 8 bytes (SHA-256 prefix)")
+        for name, side in (("height", self.height), ("width", self.width)):
+            if not 1 <= side <= MAX_SIDE:
+                raise RecFormatError(name, f"{side} is outside [1, {MAX_SIDE}]")
+        if not 0 <= self.seed < 1 << 64:
+            raise RecFormatError("seed", f"{self.seed} is outside [0, 2^64)")
+        for name, value in (("model_name", self.model_name), ("coder", self.coder)):
+            if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+                raise RecFormatError(name, f"{value!r} is not 1-{MAX_NAME} characters of [A-Za-z0-9._+-]")
+        if not isinstance(self.coder_params, bytes) or len(self.coder_params) > MAX_PARAMS:
+            raise RecFormatError("coder_params", f"must be at most {MAX_PARAMS} bytes")
+
+    def to_dict(self) -> dict:
+        """Plain-JSON view for `compress.py info`."""
+        return {"format_version": FORMAT_VERSION, "rng_version": self.rng_version,
+                "model_name": self.model_name, "model_hash": self.model_hash.hex(),
+                "height": self.height, "width": self.width, "seed": self.seed, "coder": self.coder,
+                "coder_params": self.coder_params.hex()}
+
+
+def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
+    """Serialise a header and its per-level sections (top level first) into .rec bytes."""
+    header.validate()
+    if not 1 <= len(sections) <= MAX_SECTIONS:
+        raise RecFormatError("n_sections", f"{len(sections)} is outside [1, {MAX_SECTIONS}]")
+    out = bytearray(_FIXED.pack(MAGIC, FORMAT_VERSION, header.rng_version, header.model_hash,
+                                header.height, header.width, header.seed))
+    for text in (header.model_name, header.coder):
+        out += struct.pack(">B", len(text)) + text.encode("ascii")
+    out += struct.pack(">H", len(header.coder_params)) + header.coder_params
+    out += struct.pack(">B", len(sections))
+    for i, data in enumerate(sections):
+        out += struct.pack(">BI", len(sections) - i, len(data)) + data
+    out += struct.pack(">I", zlib.crc32(out))
+    if len(out) > MAX_FILE_BYTES:
+        raise RecFormatError("file", f"{len(out)} bytes is above the limit of {MAX_FILE_BYTES}")
+    return bytes(out)
+
+
+class _Reader:
+    """Bounds-checked cursor: running out of bytes names the field being read."""
+
+    def __init__(self, data: bytes, end: int):
+        self.data, self.pos, self.end = data, 0, end
+
+    def take(self, n: int, field: str) -> bytes:
+        if self.pos + n > self.end:
+            raise RecFormatError(field, f"truncated: needs {n} bytes, {self.end - self.pos} left")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def unpack(self, fmt: str, field: str):
+        s = struct.Struct(fmt)
+        return s.unpack(self.take(s.size, field))
+
+
+def _parse(data: bytes) -> tuple[RecHeader, list[bytes]]:
+    r = _Reader(data, len(data) - 4)  # the last 4 bytes are the CRC
+    _, _, rng_version, model_hash, height, width, seed = r.unpack(_FIXED.format, "header")
+    texts = []
+    for field in ("model_name", "coder"):
+        (n,) = r.unpack(">B", field)
+        raw = r.take(n, field)
+        try:
+            texts.append(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            raise RecFormatError(field, "not ASCII") from None
+    (n,) = r.unpack(">H", "coder_params")
+    params = r.take(n, "coder_params")
+    (n_sections,) = r.unpack(">B", "n_sections")
+    if not 1 <= n_sections <= MAX_SECTIONS:
+        raise RecFormatError("n_sections", f"{n_sections} is outside [1, {MAX_SECTIONS}]")
+    sections = []
+    for i in range(n_sections):
+        level, length = r.unpack(">BI", f"section {i + 1} header")
+        if level != n_sections - i:
+            raise RecFormatError(f"section {i + 1}", f"level {level}, expected {n_sections - i}")
+        sections.append(r.take(length, f"section {i + 1} (level {level})"))
+    if r.pos != r.end:
+        raise RecFormatError("file", f"{r.end - r.pos} unexpected bytes before the CRC")
+    header = RecHeader(texts[0], model_hash, height, width, seed, texts[1], params, rng_version)
+    return header, sections
+
+
+def unpack_rec(data: bytes) -> tuple[RecHeader, list[bytes]]:
+    """Validate and parse .rec bytes; raises RecFormatError naming the field at fault."""
+    data = bytes(data)
+    if len(data) > MAX_FILE_BYTES:
+        raise RecFormatError("file", f"{len(data)} bytes is above the limit of {MAX_FILE_BYTES}")
+    if data[:4] != MAGIC:
+        raise RecFormatError("magic", f"truncated: {len(data)} bytes" if MAGIC.startswith(data)
+                             else "not a .rec file")
+    if len(data) >= 5 and data[4] != FORMAT_VERSION:
+        raise RecFormatError("format_version", f".rec format version {data[4]} is not supported "
+                             f"(this build reads version {FORMAT_VERSION})")
+    if len(data) < _MIN_SIZE:
+        raise RecFormatError("file", f"truncated: {len(data)} bytes, a .rec file has at least {_MIN_SIZE}")
+    (crc,) = struct.unpack(">I", data[-4:])
+    if zlib.crc32(data[:-4]) != crc:
+        try:  # a structural error (usually truncation) says more than a bare CRC mismatch
+            _parse(data)
+        except RecFormatError as e:
+            raise RecFormatError(e.field, f"{e.args[0].split(': ', 1)[1]} (CRC mismatch: corrupted "
+                                 "or truncated file)") from None
+        raise RecFormatError("crc", "checksum mismatch: the file is corrupted")
+    header, sections = _parse(data)
+    header.validate()
+    return header, sections
+
+
+def read_rec(path: str | os.PathLike) -> tuple[RecHeader, list[bytes]]:
+    """Read and validate a .rec file (size-checked before reading)."""
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise RecFormatError("file", f"{size} bytes is above the limit of {MAX_FILE_BYTES}")
+    return unpack_rec(Path(path).read_bytes())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename: never a partial file at `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_rec(path: str | os.PathLike, header: RecHeader, sections: list[bytes]) -> int:
+    """Write a .rec file atomically; returns its size (bpp = 8 * size / (H * W))."""
+    data = pack_rec(header, sections)
+    write_atomic(path, data)
+    return len(data)

@@ -1,0 +1,169 @@
+"""Side-information coding: compressai's rANS with per-stream tables, and raw bit packing.
+
+The ONLY module that imports compressai. Tables never depend on a model: each field's symbol
+histogram is sent in the stream itself as 7-bit log-counts (a per-file, semi-static table),
+so the coder is exact for any data and any model.
+"""
+
+import math
+
+import numpy as np
+from compressai._CXX import pmf_to_quantized_cdf
+from compressai.ans import RansDecoder, RansEncoder
+
+PRECISION = 16  # compressai's rANS precision (fixed)
+COUNT_BITS = 7  # a histogram count is sent as round(4 * log2(count)) + 1, 0 for none
+
+
+class RecDecodeError(ValueError):
+    """The coded bytes of a level are corrupted, truncated or were written with other params."""
+
+
+# --- raw bits (LSB-first inside each value, values in order) ---------------------------------
+
+
+class BitWriter:
+    def __init__(self):
+        self._parts: list[np.ndarray] = []
+
+    def write(self, values, widths) -> None:
+        """Append unsigned `values`, each in its own number of bits (scalar or per value)."""
+        v = np.asarray(values, dtype=np.uint64).reshape(-1)
+        w = np.broadcast_to(np.asarray(widths, dtype=np.int64), v.shape)
+        if v.size == 0 or w.sum() == 0:
+            return
+        owner = np.repeat(np.arange(v.size), w)
+        pos = np.arange(owner.size) - np.repeat(np.cumsum(w) - w, w)
+        self._parts.append(((v[owner] >> pos.astype(np.uint64)) & np.uint64(1)).astype(np.uint8))
+
+    @property
+    def n_bits(self) -> int:
+        return sum(p.size for p in self._parts)
+
+    def getvalue(self) -> bytes:
+        if not self._parts:
+            return b""
+        return np.packbits(np.concatenate(self._parts), bitorder="little").tobytes()
+
+
+class BitReader:
+    def __init__(self, data: bytes):
+        self._bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        self.pos = 0
+
+    def read(self, count: int, widths) -> np.ndarray:
+        """Read `count` values written by BitWriter.write with the same widths."""
+        w = np.broadcast_to(np.asarray(widths, dtype=np.int64), (count,))
+        total = int(w.sum())
+        if self.pos + total > self._bits.size:
+            raise RecDecodeError("bit section truncated")
+        bits = self._bits[self.pos : self.pos + total].astype(np.uint64)
+        self.pos += total
+        owner = np.repeat(np.arange(count), w)
+        pos = np.arange(total) - np.repeat(np.cumsum(w) - w, w)
+        out = np.zeros(count, dtype=np.uint64)
+        np.bitwise_or.at(out, owner, bits << pos.astype(np.uint64))
+        return out
+
+    def finish(self) -> None:
+        """Everything but the zero padding of the last byte must have been read."""
+        left = self._bits.size - self.pos
+        if left >= 8 or self._bits[self.pos :].any():
+            raise RecDecodeError(f"{left} unexpected trailing bits")
+
+
+# --- integers as (rANS-coded bucket, raw mantissa) -------------------------------------------
+
+
+def bucketize(values: np.ndarray, direct_alphabet: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split integers into (symbol, mantissa, mantissa width).
+
+    For alphabets up to `direct_alphabet` the symbol is the value itself; otherwise values
+    v >= 1 are split Exp-Golomb style into the bit length and the bits below the leading 1.
+    """
+    values = np.asarray(values, dtype=np.int64)
+    if direct_alphabet > 0:
+        return values, np.zeros_like(values), np.zeros_like(values)
+    if values.size and values.min() < 1:
+        raise ValueError("bucketed values must be >= 1")
+    exp = np.floor(np.log2(np.maximum(values, 1))).astype(np.int64)
+    exp += values >= (np.int64(1) << (exp + 1))  # guard float rounding near powers of two
+    exp -= values < (np.int64(1) << exp)
+    return exp, values - (np.int64(1) << exp), exp
+
+
+def unbucketize(symbols: np.ndarray, reader: BitReader, direct: bool) -> np.ndarray:
+    if direct:
+        return symbols
+    mant = reader.read(symbols.size, symbols).astype(np.int64)
+    return (np.int64(1) << symbols) + mant
+
+
+def _cdf_from_codes(codes: np.ndarray) -> list[int]:
+    counts = np.where(codes > 0, np.exp2((codes - 1) / 4.0), 0.0)
+    # An explicit tail bin: compressai treats the LAST bin as its escape symbol.
+    pmf = np.append(counts + 1e-3, 1e-3)
+    return pmf_to_quantized_cdf((pmf / pmf.sum()).tolist(), PRECISION)
+
+
+def histogram_codes(symbols: np.ndarray, alphabet: int) -> np.ndarray:
+    counts = np.bincount(symbols, minlength=alphabet)[:alphabet].astype(np.float64)
+    codes = np.where(counts > 0, np.round(4 * np.log2(np.maximum(counts, 1))) + 1, 0)
+    return np.minimum(codes, (1 << COUNT_BITS) - 1).astype(np.int64)
+
+
+def _pad_single(symbols: list, indexes: list, cdfs: list) -> None:
+    """compressai 1.2.8's RansEncoder corrupts the heap when given exactly one symbol."""
+    if len(indexes) == 1:
+        cdfs.append(pmf_to_quantized_cdf([0.999, 0.001], PRECISION))
+        symbols.append(0)
+        indexes.append(len(cdfs) - 1)
+
+
+def encode_fields(fields: list[tuple[np.ndarray, int]], bits: BitWriter) -> bytes:
+    """rANS-code several symbol arrays, each with its own alphabet and sent histogram table."""
+    symbols, indexes, cdfs = [], [], []
+    for i, (sym, alphabet) in enumerate(fields):
+        codes = histogram_codes(sym, alphabet) if sym.size else np.zeros(alphabet, np.int64)
+        bits.write(codes, COUNT_BITS)
+        cdfs.append(_cdf_from_codes(codes))
+        symbols += sym.tolist()
+        indexes += [i] * sym.size
+    if not symbols:
+        return b""
+    _pad_single(symbols, indexes, cdfs)
+    return RansEncoder().encode_with_indexes(
+        symbols, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)
+    )
+
+
+def decode_fields(data: bytes, sizes: list[tuple[int, int]], bits: BitReader) -> list[np.ndarray]:
+    """Inverse of encode_fields; `sizes` holds (count, alphabet) per field."""
+    indexes, cdfs = [], []
+    for i, (count, alphabet) in enumerate(sizes):
+        codes = bits.read(alphabet, COUNT_BITS).astype(np.int64)
+        cdfs.append(_cdf_from_codes(codes))
+        indexes += [i] * count
+    if not indexes:
+        return [np.zeros(0, np.int64) for _ in sizes]
+    _pad_single([0] * len(indexes), indexes, cdfs)
+    # Zero padding: a corrupted stream must not make the C++ decoder read past the buffer.
+    padded = data + bytes(64 + 8 * len(indexes))
+    out = np.asarray(
+        RansDecoder().decode_with_indexes(
+            padded, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)
+        ),
+        dtype=np.int64,
+    )
+    result, start = [], 0
+    for (count, alphabet) in sizes:
+        field = out[start : start + count]
+        if field.size and (field.min() < 0 or field.max() >= alphabet):
+            raise RecDecodeError("side-information symbol out of range")
+        result.append(field)
+        start += count
+    return result
+
+
+def bit_length(n: int) -> int:
+    return max(1, math.ceil(math.log2(n + 1)))

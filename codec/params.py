@@ -1,0 +1,126 @@
+"""REC coder parameters: one frozen dataclass per level plus shared knobs, and presets.
+
+Only the fields in `format_bytes` change the bytes a decoder must understand; the others
+(margin, outlier limit, oversampling, selection, memory, GEMM dtype) steer the encoder only.
+"""
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+SAMPLERS = ("greedy", "importance")
+
+
+@dataclass(frozen=True)
+class LevelParams:
+    sampler: str = "greedy"  # "greedy" (thesis Alg. 2) or "importance" (Alg. 3 + 5)
+    index_bits: int = 14  # bits per greedy step, or per importance group (B)
+    steps: int = 30  # greedy shards S; always 1 for importance
+    max_group_size: int = 4095  # dims per group
+    margin_nats: float = 1.0  # group KL budget = steps * index_bits bits - margin
+    outlier_bits: float = 24.0  # dims with more KL are sent as 16-bit values
+    oversample_bits: float = 0.0  # importance: n_g = min(2^B, ceil(exp(KL_g) * 2^t))
+    selection: str = "argmax"  # importance: "argmax" (thesis code) or "sample" (prop. to w)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "importance" and self.steps != 1:
+            raise ValueError("the importance sampler has exactly one step")
+        if not 1 <= self.index_bits <= 24 or not 1 <= self.steps < 256:
+            raise ValueError("index_bits must be in [1, 24] and steps in [1, 255]")
+        if not 1 <= self.max_group_size < 1 << 16:
+            raise ValueError("max_group_size must be in [1, 65535]")
+        if self.sampler == "importance" and self.max_group_size > 64:
+            raise ValueError("importance groups hold at most 64 dims")
+        if self.selection not in ("argmax", "sample"):
+            raise ValueError("selection must be 'argmax' or 'sample'")
+        if self.budget_bits <= 0:
+            raise ValueError("margin_nats leaves no group budget")
+
+    @property
+    def budget_bits(self) -> float:
+        return self.steps * self.index_bits - self.margin_nats / math.log(2)
+
+    @property
+    def pool_width(self) -> int:
+        """Importance pool width: the smallest power of two holding a whole group."""
+        return max(2, 1 << (self.max_group_size - 1).bit_length())
+
+
+THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0)
+THESIS_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0)
+
+
+@dataclass(frozen=True)
+class CoderParams:
+    level1: LevelParams = field(default_factory=lambda: THESIS_L1)
+    level2: LevelParams = field(default_factory=lambda: THESIS_L2)
+    pool_width: int = 128  # greedy block width in the shared pool (power of two)
+    pool_windows: int = 8  # greedy pool = 2^b rows x pool_windows * pool_width columns
+    outlier_range: float = 32.0  # outliers quantised on [-R, R] (prior-standardised units)
+    memory_mb: int = 256  # score chunks are sized to stay around this
+    gemm_dtype: str = "float32"  # "bfloat16" may be faster on GPUs; can flip near-ties
+
+    def __post_init__(self):
+        w = self.pool_width
+        if w < 2 or w & (w - 1) or w > 4096:
+            raise ValueError("pool_width must be a power of two in [2, 4096]")
+        if not 1 <= self.pool_windows <= 64:
+            raise ValueError("pool_windows must be in [1, 64]")
+        if self.level1.max_group_size > 255 * w:
+            raise ValueError("greedy groups may span at most 255 pool blocks")
+        if self.gemm_dtype not in ("float32", "bfloat16"):
+            raise ValueError("gemm_dtype must be 'float32' or 'bfloat16'")
+
+    @classmethod
+    def preset(cls, name: str) -> "CoderParams":
+        if name == "thesis":  # the thesis code's parameters (S=30 x 14 bits; B=20, G=15)
+            return cls()
+        if name == "fast":  # ~10x fewer candidate evaluations, a little more rate
+            return cls(
+                level1=LevelParams("greedy", 10, 40, 4095, 1.0, 24.0),
+                level2=LevelParams("importance", 16, 1, 15, 1.0, 11.0),
+                gemm_dtype="float32",
+            )
+        raise ValueError(f"unknown preset {name!r} (thesis, fast)")
+
+    def for_level(self, level: int) -> LevelParams:
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level}")
+        return self.level1 if level == 1 else self.level2
+
+    @property
+    def gemm_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.gemm_dtype)
+
+    def format_bytes(self, level: int) -> bytes:
+        """The fields a decoder of this level depends on."""
+        lp = self.for_level(level)
+        return struct.pack(">BBBHHfHH", level, 1 + SAMPLERS.index(lp.sampler), lp.index_bits,
+                           lp.steps, lp.max_group_size, self.outlier_range, self.pool_width,
+                           self.pool_windows)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CoderParams":
+        d = dict(d)
+        for key in ("level1", "level2"):
+            if key in d:
+                d[key] = LevelParams(**d[key])
+        return cls(**d)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CoderParams":
+        return cls.from_dict(json.loads(data.decode()))
+
+    def replace(self, **changes) -> "CoderParams":
+        return replace(self, **changes)

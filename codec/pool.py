@@ -1,0 +1,135 @@
+"""Shared candidate pool: how each group reads its candidates from one pool of normals.
+
+Instead of K fresh candidates per group, every group of a level reads the same pool
+P (K rows x n_windows*width columns) through its own hashed scramble: its dims are cut into
+blocks of `width`; block j of group g at step k reads pool window (offset_gk + j) mod
+n_windows, through an affine column permutation (a*u + c) mod width and random signs. Within one group and step every candidate
+value is a distinct pool entry, so candidates are exactly i.i.d. N(0, I); across groups and
+steps the scrambles decorrelate them (tests/test_coder_statistics.py checks this).
+
+Scores become GEMMs: log-weights are quadratic in x, so for all blocks at once
+scores = [P_w^2, P_w] @ [A; B]^T per window w, summed into groups with index_add.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from codec import rng
+
+
+@dataclass
+class Layout:
+    """Where every coded dim sits: group, block, position inside the block."""
+
+    n_groups: int
+    width: int
+    n_windows: int  # pool windows: most blocks in any group, capped
+    dim_group: torch.Tensor  # (N,) group of each dim
+    dim_block: torch.Tensor  # (N,) global block id of each dim
+    dim_pos: torch.Tensor  # (N,) position u inside its block, < width
+    block_group: torch.Tensor  # (nb,) group of each block
+    block_index: torch.Tensor  # (nb,) j: index of the block inside its group
+    group_first_block: torch.Tensor  # (G,)
+
+
+def make_layout(sizes: torch.Tensor, width: int, device, max_windows: int = 1 << 30) -> Layout:
+    """Cut consecutive groups of the given sizes into blocks of at most `width` dims."""
+    if width & (width - 1) or width < 2:
+        raise ValueError(f"pool width must be a power of two >= 2, got {width}")
+    sizes = sizes.to(device=device, dtype=torch.int64)
+    g = torch.arange(sizes.numel(), device=device)
+    dim_group = torch.repeat_interleave(g, sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    t = torch.arange(dim_group.numel(), device=device) - starts[dim_group]  # dim index in group
+    blocks_per_group = (sizes + width - 1) // width
+    first_block = torch.cumsum(blocks_per_group, 0) - blocks_per_group
+    block_group = torch.repeat_interleave(g, blocks_per_group)
+    block_index = torch.arange(block_group.numel(), device=device) - first_block[block_group]
+    return Layout(
+        n_groups=sizes.numel(),
+        width=width,
+        n_windows=min(max_windows, max(1, int(blocks_per_group.max())) if sizes.numel() else 1),
+        dim_group=dim_group,
+        dim_block=first_block[dim_group] + t // width,
+        dim_pos=t % width,
+        block_group=block_group,
+        block_index=block_index,
+        group_first_block=first_block,
+    )
+
+
+@dataclass
+class Scramble:
+    col: torch.Tensor  # (N,) pool column of each dim
+    sign: torch.Tensor  # (N,) float32 +-1
+    block_window: torch.Tensor  # (nb,) pool window read by each block
+    block_shift: torch.Tensor  # (nb,) row shift of blocks that wrapped around the windows
+    dim_shift: torch.Tensor  # (N,) the row shift of each dim's block
+
+
+def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
+    """The hashed column permutation, window and signs of every block at a step."""
+    w = lay.width
+    n_words = 1 + (w + 63) // 64
+    words = rng.scramble_words(seed, level, lay.block_group, step, lay.block_index, n_words)
+    w0 = words[:, 0]
+    mult = ((w0 & (w // 2 - 1)) << 1) | 1  # odd, so u -> mult*u + add is a bijection mod w
+    add = rng._srl(w0, 16) & (w - 1)
+    first_w0 = w0[lay.group_first_block] if lay.n_groups else w0[:0]
+    window = (rng._srl(first_w0, 24) % lay.n_windows)[lay.block_group]
+    block_window = (window + lay.block_index) % lay.n_windows
+    b, u = lay.dim_block, lay.dim_pos
+    col = block_window[b] * w + ((mult[b] * u + add[b]) & (w - 1))
+    bit = (words.reshape(-1)[b * n_words + 1 + u // 64] >> (u % 64)) & 1
+    sign = 1.0 - 2.0 * bit.to(torch.float32)
+    shift = lay.block_index // lay.n_windows
+    return Scramble(col=col, sign=sign, block_window=block_window, block_shift=shift,
+                    dim_shift=shift[b])
+
+
+def block_matrix(lay: Layout, scr: Scramble, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(nb, 2*width): per block, the x^2 coefficients then the (sign-folded) x coefficients."""
+    w = lay.width
+    nb = lay.block_group.numel()
+    ab = torch.zeros(nb * 2 * w, dtype=torch.float32, device=a.device)
+    local = scr.col % w
+    ab[lay.dim_block * 2 * w + local] = a.float()
+    ab[lay.dim_block * 2 * w + w + local] = (b * scr.sign).float()
+    return ab.view(nb, 2 * w)
+
+
+def window_features(pool: torch.Tensor, width: int, window: int, dtype) -> torch.Tensor:
+    """[P_w^2, P_w] for one window: (K, 2*width)."""
+    p = pool[:, window * width : (window + 1) * width]
+    return torch.cat([p * p, p], dim=1).to(dtype)
+
+
+def group_scores(
+    feats: list[torch.Tensor], lay: Layout, scr: Scramble, ab: torch.Tensor, groups: slice
+) -> torch.Tensor:
+    """(K, n) scores of every pool row as a candidate for groups[groups]: sum of block GEMMs."""
+    g0, g1 = groups.start, groups.stop
+    k = feats[0].shape[0]
+    out = torch.zeros(k, g1 - g0, dtype=torch.float32, device=ab.device)
+    in_range = (lay.block_group >= g0) & (lay.block_group < g1)
+    for w, f in enumerate(feats):
+        in_window = in_range & (scr.block_window == w)
+        for shift in torch.unique(scr.block_shift[in_window]).tolist():
+            sel = torch.nonzero(in_window & (scr.block_shift == shift)).squeeze(1)
+            s = f @ ab[sel].to(f.dtype).T  # (K, blocks): row r scores candidate r - shift
+            if shift:
+                s = torch.roll(s, -shift, 0)
+            out.index_add_(1, lay.block_group[sel] - g0, s.float())
+    return out
+
+
+def dim_rows(candidates: torch.Tensor, scr: Scramble, n_rows: int) -> torch.Tensor:
+    """Pool row of each dim for the chosen candidate of its group (one per dim)."""
+    return (candidates + scr.dim_shift) & (n_rows - 1)
+
+
+def chosen_values(seed: int, level: int, candidates: torch.Tensor, scr: Scramble,
+                  n_rows: int) -> torch.Tensor:
+    """Random access: the signed pool values of the chosen candidates (one per dim)."""
+    return rng.pool_entries(seed, level, dim_rows(candidates, scr, n_rows), scr.col) * scr.sign

@@ -1,0 +1,282 @@
+"""End-user CLI: encode images to .rec files, decode them to PNG, show a .rec header.
+
+    python compress.py encode photo.png                 # -> photo.rec
+    python compress.py encode photos/ a.png -o out/     # folders and several inputs
+    python compress.py decode photo.rec                 # -> photo.rec.png
+    python compress.py info photo.rec                   # the header as JSON
+
+Models resolve offline: --model PATH, NAME or SHA-256 prefix, looked up in $REC_MODEL_DIR and
+weights/; without --model, encode uses the file named in weights/DEFAULT. Decoding finds the
+model by the hash in the .rec header (or takes --model PATH) and refuses a different model.
+Each input prints one line (bpp from the file size, header included); --json prints one JSON
+object per line instead. Errors print one line each on stderr. Outputs are written to a
+temporary file and renamed; existing outputs need --force; an input is never overwritten.
+Exit status: 0 all inputs done, 1 some input failed, 2 usage error, 130 interrupted.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from scripts.rd_common import IMAGE_EXTS, psnr
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage + message
+        raise UsageError(message)
+
+
+def _seed(text: str) -> int:
+    n = int(text, 0)
+    if not 0 <= n < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 2^64)")
+    return n
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="compress.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    enc = sub.add_parser("encode", help="images -> .rec", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    enc.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
+    enc.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
+    enc.add_argument("--model", metavar="NAME|PATH", help="model file, name or hash (default: weights/DEFAULT)")
+    enc.add_argument("--coder", default="thesis", choices=("thesis", "fast"), help="coder preset")
+    enc.add_argument("--seed", type=_seed, default=0, help="seed of the shared randomness")
+    enc.add_argument("--max-pixels", type=_positive, default=None, help="refuse larger images (default 12e6)")
+    dec = sub.add_parser("decode", help=".rec -> PNG", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dec.add_argument("inputs", nargs="+", metavar="IN.rec", help=".rec files or folders")
+    dec.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
+    dec.add_argument("--model", metavar="PATH", help="model file to use (its hash must match the header)")
+    for s in (enc, dec):
+        s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+        s.add_argument("--force", action="store_true", help="overwrite existing outputs")
+        s.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
+    info = sub.add_parser("info", help="print .rec headers as JSON")
+    info.add_argument("inputs", nargs="+", metavar="IN.rec")
+    info.add_argument("--json", action="store_true", help="compact, one object per line")
+    return p
+
+
+# ---- inputs and outputs --------------------------------------------------------------------------
+
+
+def plan(inputs: list[str], output: str | None, exts: tuple[str, ...], out_name) -> list[tuple[Path, Path | None, str]]:
+    """(source, destination, error) per input file; folders are searched recursively."""
+    found: list[tuple[Path, Path]] = []  # (file, path relative to the folder it came from)
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+            if not files:
+                raise UsageError(f"{arg}: no {'/'.join(exts)} files in this folder")
+            found += [(f, f.relative_to(path)) for f in files]
+        else:
+            found.append((path, Path(path.name)))
+    several = len(found) > 1 or any(Path(a).is_dir() for a in inputs)
+    out = Path(output) if output else None
+    if output and output.endswith(("/", os.sep)):
+        several = True  # "-o out/" names a folder even for one input
+    if out is not None and several and out.exists() and not out.is_dir():
+        raise UsageError(f"-o {output}: must be a folder when there are several inputs")
+    sources = {f.resolve() for f, _ in found}
+    jobs, taken = [], {}
+    for src, rel in found:
+        if out is None:
+            dst = src.with_name(out_name(src.name))
+        elif several or out.is_dir():
+            dst = out / rel.with_name(out_name(rel.name))
+        else:
+            dst = out
+        err = ""
+        if dst.resolve() in sources:
+            err = f"output {dst} would overwrite an input"
+        elif dst.resolve() in taken:
+            err = f"output {dst} is also the output of {taken[dst.resolve()]}"
+        taken.setdefault(dst.resolve(), src)
+        jobs.append((src, dst, err))
+    return jobs
+
+
+def _fmt(x: float, digits: int) -> str:
+    return f"{x:.{digits}f}" if x != float("inf") else "inf"
+
+
+# ---- commands -------------------------------------------------------------------------------------
+
+
+def _progress(jobs, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(jobs, file=sys.stderr, unit="file", disable=None if show and len(jobs) > 1 else True)
+
+
+def _say(text: str, err: bool = False) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr if err else sys.stdout)
+
+
+class CliError(Exception):
+    """A per-input failure whose message is already user-facing."""
+
+
+def _describe(e: Exception) -> str:
+    from codec.bitstream import RecFormatError
+
+    if isinstance(e, RecFormatError):
+        return f"not a valid .rec file: {e}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower() + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, (CliError, ValueError, LookupError, OSError)):  # our errors are ValueError/LookupError
+        return str(e) or type(e).__name__
+    if os.environ.get("REC_DEBUG"):
+        raise e
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"internal error: {type(e).__name__}: {first} (rerun with REC_DEBUG=1 for details)"
+
+
+def _run(jobs, args, work) -> int:
+    """Apply work(src, dst) -> result dict to each job; one line per input; 1 if any failed."""
+    failed = 0
+    for src, dst, err in _progress(jobs, not args.json):
+        try:
+            if err:
+                raise CliError(err)
+            if not src.is_file():
+                raise CliError("no such file" if not src.exists() else "not a file")
+            if dst.exists() and not args.force:
+                raise CliError(f"{dst} exists (use --force to overwrite)")
+            if dst.is_dir():
+                raise CliError(f"{dst} is a folder")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            rec = {"input": str(src), "output": str(dst), **work(src, dst)}
+            rec["seconds"] = time.perf_counter() - t0
+        except Exception as e:
+            failed += 1
+            _say(f"error: {src}: {_describe(e)}", err=True)
+            continue
+        _say(json.dumps(rec) if args.json else _line(rec))
+    return 1 if failed else 0
+
+
+def _line(rec: dict) -> str:
+    text = f"{rec['input']} -> {rec['output']}: {rec['width']}x{rec['height']}, {rec['bytes']} B, {rec['bpp']:.4f} bpp"
+    if "psnr" in rec:
+        text += f" (KL {rec['kl_bpp']:.4f}), PSNR {_fmt(rec['psnr'], 2)} dB"
+    return text + f", {rec['seconds']:.2f} s"
+
+
+def cmd_encode(args) -> int:
+    from codec import api
+    from codec.bitstream import write_atomic
+    from codec.image import load_image
+
+    jobs = plan(args.inputs, args.output, IMAGE_EXTS, lambda n: str(Path(n).with_suffix(".rec")))
+    store = api.ModelStore(args.device)
+    try:
+        model, ref = store.load(api.find_model(args.model))
+    except api.ModelNotFoundError as e:
+        _say(f"error: {e}", err=True)
+        return 1
+    max_pixels = args.max_pixels or api.MAX_PIXELS
+
+    def work(src: Path, dst: Path) -> dict:
+        x, notes = load_image(src, max_pixels=max_pixels)
+        for note in notes:
+            _say(f"note: {src}: {note}", err=True)
+        data, x_hat, stats = api.compress_image(model, x, model_ref=ref, seed=args.seed, params=args.coder,
+                                                device=args.device, max_pixels=max_pixels)
+        write_atomic(dst, data)
+        return {"height": stats["height"], "width": stats["width"], "bytes": len(data), "bpp": stats["bpp"],
+                "kl_bpp": stats["kl_bpp"], "psnr": psnr(x, x_hat), "model": ref.name, "coder": args.coder,
+                "seed": args.seed, "notes": notes}
+
+    return _run(jobs, args, work)
+
+
+def cmd_decode(args) -> int:
+    from codec import api
+    from codec.bitstream import MAX_FILE_BYTES, RecFormatError
+    from codec.image import save_png
+
+    jobs = plan(args.inputs, args.output, (".rec",), lambda n: n + ".png")
+    if args.model is not None and not Path(args.model).is_file():
+        raise UsageError(f"--model {args.model}: no such file")
+    store = api.ModelStore(args.device, model_path=args.model)
+
+    def work(src: Path, dst: Path) -> dict:
+        size = src.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise RecFormatError("file", f"{size} bytes is above the limit of {MAX_FILE_BYTES}")
+        x_hat, header = api.decompress(src.read_bytes(), store, device=args.device)
+        save_png(x_hat, dst)
+        return {"height": header.height, "width": header.width, "bytes": size,
+                "bpp": 8 * size / (header.height * header.width), "model": header.model_name}
+
+    return _run(jobs, args, work)
+
+
+def cmd_info(args) -> int:
+    from codec.api import describe_params
+    from codec.bitstream import RecFormatError, read_rec
+
+    failed = 0
+    for arg in args.inputs:
+        try:
+            header, sections = read_rec(arg)
+        except (RecFormatError, OSError) as e:
+            failed += 1
+            _say(f"error: {arg}: {_describe(e)}", err=True)
+            continue
+        size = os.path.getsize(arg)
+        d = {"file": arg, "bytes": size, "bpp": 8 * size / (header.height * header.width), **header.to_dict(),
+             "coder_params": describe_params(header, len(sections)),
+             "sections": [{"level": len(sections) - i, "bytes": len(s)} for i, s in enumerate(sections)]}
+        print(json.dumps(d) if args.json else json.dumps(d, indent=2))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "device", "cpu") == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda: CUDA is not available")
+        return {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info}[args.command](args)
+    except UsageError as e:
+        print(f"compress.py: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        print("compress.py: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for the user; REC_DEBUG=1 shows it
+        if os.environ.get("REC_DEBUG"):
+            raise
+        print(f"compress.py: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with REC_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
