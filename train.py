@@ -157,10 +157,13 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, best_val: float) -> None:
-    """Atomic: write a temporary file, then rename over the old checkpoint."""
+    """Atomic: write a temporary file, then rename over the old checkpoint, which is kept as
+    ckpt_prev.pt (a way back if a run diverged just before a save)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"format": "rec-ckpt/1", "config": config, "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "best_val": best_val}, tmp)
+    if path.exists():
+        os.replace(path, path.with_name("ckpt_prev.pt"))
     os.replace(tmp, path)
 
 
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key != "step":
                         board.add_scalar(key, value, step)
         out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
-        if is_main and (time.time() - last_ckpt > 60 * cfg.ckpt_minutes or step == cfg.steps or out_of_time):
+        if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
             save_checkpoint(ckpt_path, model, optimizer, step, config, best_val)
             last_ckpt = time.time()
         if out_of_time:

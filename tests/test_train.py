@@ -125,3 +125,11 @@ def test_extract_patches_writes_coef_times_tiles_patches_per_image(photo_dir, tm
     patches = sorted((tmp_path / "p").glob("*.png"))
     assert len(patches) == 4 * 3 * (96 // 40) * (112 // 40)  # 4 images of 96×112
     assert all(train.RandomCrops(tmp_path / "p", 32).sizes[i] == (40, 40) for i in range(3))
+
+
+def test_the_previous_checkpoint_is_kept_as_a_way_back(photo_dir, tmp_path):
+    common = [f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'w'}"]
+    assert run_train(*common, "--steps=2") == 0
+    assert run_train(f"--out_dir={tmp_path / 'run'}", "--steps=3", "--resume") == 0
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "run" / "ckpt_prev.pt", weights_only=True)["step"] == 2
