@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.rd_common import IMAGE_EXTS, psnr
+from codec.image import IMAGE_EXTS
+from codec.metrics import psnr
 
 
 class UsageError(Exception):

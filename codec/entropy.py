@@ -5,11 +5,26 @@ histogram is sent in the stream itself as 7-bit log-counts (a per-file, semi-sta
 so the coder is exact for any data and any model.
 """
 
+import functools
 import math
+import warnings
 
 import numpy as np
-from compressai._CXX import pmf_to_quantized_cdf
-from compressai.ans import RansDecoder, RansEncoder
+
+@functools.cache
+def _compressai():
+    """Imported on first use: `import codec` stays light, and compressai's import-time
+    torch.jit FutureWarning (torch >= 2.10) is not shown to users."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from compressai._CXX import pmf_to_quantized_cdf
+        from compressai.ans import RansDecoder, RansEncoder
+    return pmf_to_quantized_cdf, RansEncoder, RansDecoder
+
+
+def pmf_to_quantized_cdf(pmf: list[float], precision: int) -> list[int]:
+    return _compressai()[0](pmf, precision)
+
 
 PRECISION = 16  # compressai's rANS precision (fixed)
 COUNT_BITS = 7  # a histogram count is sent as round(4 * log2(count)) + 1, 0 for none
@@ -120,48 +135,96 @@ def _pad_single(symbols: list, indexes: list, cdfs: list) -> None:
         indexes.append(len(cdfs) - 1)
 
 
+def _write_table(codes: np.ndarray, alphabet: int, bits: BitWriter) -> None:
+    """Sparse histogram: top - 1, a presence bit per symbol below top, 7-bit codes of those."""
+    top = int(np.flatnonzero(codes).max()) + 1
+    bits.write(top - 1, bit_length(alphabet - 1))
+    bits.write(codes[:top] > 0, 1)
+    bits.write(codes[:top][codes[:top] > 0], COUNT_BITS)
+
+
+def _read_table(alphabet: int, bits: BitReader) -> np.ndarray:
+    top = int(bits.read(1, bit_length(alphabet - 1))[0]) + 1
+    if top > alphabet:
+        raise RecDecodeError("side-information table out of range")
+    present = bits.read(top, 1).astype(bool)
+    codes = np.zeros(alphabet, np.int64)
+    codes[:top][present] = bits.read(int(present.sum()), COUNT_BITS).astype(np.int64)
+    return codes
+
+
+def _table_cost(sym: np.ndarray, codes: np.ndarray, alphabet: int) -> float:
+    counts = np.bincount(sym, minlength=alphabet)
+    p = counts[counts > 0] / sym.size
+    top = int(np.flatnonzero(codes).max()) + 1
+    return (bit_length(alphabet - 1) + top + COUNT_BITS * int((codes > 0).sum())
+            - float((counts[counts > 0] * np.log2(p)).sum()) + 16)
+
+
 def encode_fields(fields: list[tuple[np.ndarray, int]], bits: BitWriter) -> bytes:
-    """rANS-code several symbol arrays, each with its own alphabet and sent histogram table."""
+    """rANS-code several symbol arrays, each with its own alphabet and sent histogram table.
+
+    Per non-empty field one mode bit: 1 = the symbols go raw into `bits` (cheaper for a few
+    symbols than a table), 0 = a sparse table is sent and the symbols are rANS-coded.
+    """
     symbols, indexes, cdfs = [], [], []
     for i, (sym, alphabet) in enumerate(fields):
         codes = histogram_codes(sym, alphabet) if sym.size else np.zeros(alphabet, np.int64)
-        bits.write(codes, COUNT_BITS)
+        if sym.size:  # an empty field needs nothing: the decoder knows its count
+            raw = sym.size * bit_length(alphabet - 1) <= _table_cost(sym, codes, alphabet)
+            bits.write(int(raw), 1)
+            if raw:
+                bits.write(sym, bit_length(alphabet - 1))
+                cdfs.append(_cdf_from_codes(codes))
+                continue
+            _write_table(codes, alphabet, bits)
         cdfs.append(_cdf_from_codes(codes))
         symbols += sym.tolist()
         indexes += [i] * sym.size
     if not symbols:
         return b""
     _pad_single(symbols, indexes, cdfs)
-    return RansEncoder().encode_with_indexes(
+    return _compressai()[1]().encode_with_indexes(
         symbols, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)
     )
 
 
 def decode_fields(data: bytes, sizes: list[tuple[int, int]], bits: BitReader) -> list[np.ndarray]:
     """Inverse of encode_fields; `sizes` holds (count, alphabet) per field."""
-    indexes, cdfs = [], []
+    indexes, cdfs, raws = [], [], {}
     for i, (count, alphabet) in enumerate(sizes):
-        codes = bits.read(alphabet, COUNT_BITS).astype(np.int64)
+        codes = np.zeros(alphabet, np.int64)
+        if count:
+            if bits.read(1, 1)[0]:
+                raws[i] = bits.read(count, bit_length(alphabet - 1)).astype(np.int64)
+                cdfs.append(_cdf_from_codes(codes))
+                continue
+            codes = _read_table(alphabet, bits)
         cdfs.append(_cdf_from_codes(codes))
         indexes += [i] * count
-    if not indexes:
-        return [np.zeros(0, np.int64) for _ in sizes]
-    _pad_single([0] * len(indexes), indexes, cdfs)
-    # Zero padding: a corrupted stream must not make the C++ decoder read past the buffer.
-    padded = data + bytes(64 + 8 * len(indexes))
-    out = np.asarray(
-        RansDecoder().decode_with_indexes(
-            padded, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)
-        ),
-        dtype=np.int64,
-    )
+    out = np.zeros(0, dtype=np.int64)
+    if indexes:
+        _pad_single([0] * len(indexes), indexes, cdfs)
+        # Zero padding: a corrupted stream must not make the C++ decoder read past the buffer.
+        padded = data + bytes(64 + 8 * len(indexes))
+        out = np.asarray(
+            _compressai()[2]().decode_with_indexes(
+                padded, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)
+            ),
+            dtype=np.int64,
+        )
+    elif data:
+        raise RecDecodeError("unexpected rANS data")
     result, start = [], 0
-    for (count, alphabet) in sizes:
-        field = out[start : start + count]
+    for i, (count, alphabet) in enumerate(sizes):
+        if i in raws:
+            field = raws[i]
+        else:
+            field = out[start : start + count]
+            start += count
         if field.size and (field.min() < 0 or field.max() >= alphabet):
             raise RecDecodeError("side-information symbol out of range")
         result.append(field)
-        start += count
     return result
 
 

@@ -1,9 +1,12 @@
 """Greedy sharded sampler (thesis Alg. 2), batched over all groups of a level.
 
-In prior-standardised space the proposal N(0, I) is split into S shards of variance 1/S.
-Starting from z = 0, each of S steps offers every group 2^b shard candidates s*x (x from the
-shared pool, s = 1/sqrt(S)) and keeps the one maximising log q'(z + s*x); the step's index
-costs b bits. log q'(z + s*x) = sum_d A_d x_d^2 + B_d x_d + const with
+In prior-standardised space the proposal N(0, I) is split into S_g shards (S_g <= S steps,
+per group): shard k has variance r^k (1 - r) / (1 - r^S_g), so they sum to N(0, 1); r = 1 is
+the thesis' equal split 1/S_g, r < 1 lets the last shards resolve dims with sigma_q << 1/sqrt(S)
+(thesis preset r = 0.85). Starting from z = 0, each step offers every group 2^b shard
+candidates s_k*x (x from the shared pool) and keeps the one maximising log q'(z + s_k*x) (or,
+with `auxiliary`, the importance weight of the shard under its conditional target); the
+step's index costs b bits. log q'(z + s*x) = sum_d A_d x_d^2 + B_d x_d + const with
 A = -s^2 / (2 v), B = s (m - z) / v, so one step for all groups is a few GEMMs.
 """
 
@@ -17,6 +20,22 @@ from codec import pool, rng
 def shard_scale(steps: int) -> float:
     """1/sqrt(S) rounded to float32 once, so encoder and decoder multiply by the same value."""
     return float(torch.tensor(1.0 / math.sqrt(steps), dtype=torch.float32))
+
+
+def shard_table(steps: int, decay: float = 1.0) -> torch.Tensor:
+    """(steps, steps) float32: [S_g - 1, k] = std of shard k of a group walking S_g steps.
+
+    Shard variances r^k (1 - r) / (1 - r^S_g) sum to 1 (prior-standardised N(0, 1)); r = 1
+    gives the thesis' equal shards 1/S_g. Built on the CPU in float64, rounded once to float32.
+    """
+    t = torch.zeros(steps, steps, dtype=torch.float32)
+    for n in range(1, steps + 1):
+        for k in range(n):
+            if decay == 1.0:
+                t[n - 1, k] = shard_scale(n)
+            else:
+                t[n - 1, k] = math.sqrt(decay**k * (1.0 - decay) / (1.0 - decay**n))
+    return t
 
 
 def _group_chunks(n_groups: int, n_rows: int, memory_bytes: int):
@@ -39,45 +58,80 @@ def encode(
     windows: int,
     memory_bytes: int,
     gemm_dtype=torch.float32,
+    group_steps: torch.Tensor | None = None,
+    decay: float = 1.0,
+    auxiliary: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code N(m, v) (float64, standardised, groups of `sizes` in order).
 
-    Returns the (G, steps) indices and the float32 sample, exactly as `decode` rebuilds it.
+    Group g takes S_g = group_steps[g] <= steps steps of variance 1/S_g (all `steps` if None).
+    Returns the (G, steps) indices (entries at steps >= S_g are unused) and the float32
+    sample, exactly as `decode` rebuilds it.
     """
     device = m.device
     lay = pool.make_layout(sizes, width, device, windows)
     k = 1 << bits
-    s = shard_scale(steps)
+    if group_steps is None:
+        group_steps = torch.full((lay.n_groups,), steps, dtype=torch.int64, device=device)
+    dim_steps = group_steps.to(device)[lay.dim_group]
+    scales = shard_table(steps, decay).to(device)
+    var = scales.double() ** 2
+    rest = var.flip(1).cumsum(1).flip(1)  # [S_g - 1, k]: variance of shards k.. of the group
     table = rng.pool_block(seed, level, 0, k, lay.n_windows * width, device)
     feats = [pool.window_features(table, width, w, gemm_dtype) for w in range(lay.n_windows)]
-    a = -(s * s) / (2.0 * v)  # float64, constant over steps
     z = torch.zeros(m.shape, dtype=torch.float32, device=device)
-    indices = torch.empty(lay.n_groups, steps, dtype=torch.int64, device=device)
-    for step in range(steps):
+    indices = torch.zeros(lay.n_groups, steps, dtype=torch.int64, device=device)
+    for step in range(int(group_steps.max()) if lay.n_groups else 0):
         scr = pool.scramble(seed, level, step, lay)
-        b = s * (m - z.double()) / v
+        s = scales[dim_steps - 1, step]
+        sd = s.double()
+        if auxiliary:  # log q_k(a) / p_k(a) of shard a = s x under its conditional target
+            r = rest[dim_steps - 1, step].clamp(min=1e-300)
+            frac = sd * sd / r  # share of the remaining prior variance this shard carries
+            tau = (sd * sd - sd * sd * frac + frac * frac * v).clamp(min=1e-300)
+            a = 0.5 - sd * sd / (2.0 * tau)
+            b = sd * frac * (m - z.double()) / tau
+            off = dim_steps <= step
+            a, b = a.masked_fill(off, 0.0), b.masked_fill(off, 0.0)
+        else:  # the thesis: log q of the running sum z + s x
+            a = -(sd * sd) / (2.0 * v)
+            b = sd * (m - z.double()) / v
         ab = pool.block_matrix(lay, scr, a, b)
         for groups in _group_chunks(lay.n_groups, k, memory_bytes):
             scores = pool.group_scores(feats, lay, scr, ab, groups)
             indices[groups, step] = scores.argmax(0)
+        indices[group_steps <= step, step] = 0
         rows = pool.dim_rows(indices[lay.dim_group, step], scr, k)
         x = table[rows, scr.col] * scr.sign  # == pool.chosen_values, without hashing
-        z = z + x * s
+        z = torch.where(dim_steps > step, z + x * s, z)
     return indices, z
 
 
 @torch.no_grad()
 def decode(
     indices: torch.Tensor, sizes: torch.Tensor, *, seed: int, level: int, bits: int, steps: int,
-    width: int, windows: int
+    width: int, windows: int, group_steps: torch.Tensor | None = None, decay: float = 1.0
 ) -> torch.Tensor:
     """Rebuild the float32 sample from the indices: only the chosen pool entries are hashed."""
     device = indices.device
     lay = pool.make_layout(sizes, width, device, windows)
-    s = shard_scale(steps)
+    if group_steps is None:
+        group_steps = torch.full((lay.n_groups,), steps, dtype=torch.int64, device=device)
+    group_steps = group_steps.to(device)
+    scales = shard_table(steps, decay).to(device)
+    dim_steps = group_steps[lay.dim_group]
     z = torch.zeros(lay.dim_group.numel(), dtype=torch.float32, device=device)
-    for step in range(steps):
+    for step in range(int(group_steps.max()) if lay.n_groups else 0):
         scr = pool.scramble(seed, level, step, lay)
-        x = pool.chosen_values(seed, level, indices[lay.dim_group, step], scr, 1 << bits)
-        z = z + x * s
+        active = dim_steps > step
+        s = scales[dim_steps - 1, step]
+        if bool(active.all()):
+            x = pool.chosen_values(seed, level, indices[lay.dim_group, step], scr, 1 << bits)
+            z = z + x * s
+        else:  # only the dims of groups still walking are hashed
+            sel = torch.nonzero(active).squeeze(1)
+            sub = pool.Scramble(col=scr.col[sel], sign=scr.sign[sel], block_window=scr.block_window,
+                                block_shift=scr.block_shift, dim_shift=scr.dim_shift[sel])
+            x = pool.chosen_values(seed, level, indices[lay.dim_group[sel], step], sub, 1 << bits)
+            z[sel] = z[sel] + x * s[sel]
     return z

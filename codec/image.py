@@ -1,6 +1,7 @@
 """Image I/O for the codec: any image -> 8-bit RGB (noting each conversion), tensors, atomic PNG.
 
-The conversions match scripts/rd_common.load_rgb, so metrics computed there agree with the CLI.
+This is the project's one image loader: the CLI, the evaluation scripts and the training data
+all read images through it, so they agree on every conversion.
 """
 
 import io
@@ -16,6 +17,7 @@ from PIL import Image
 from codec.bitstream import write_atomic
 
 MAX_PIXELS = 1 << 26  # 64 Mpx: refuse before decoding pixels (the codec's own limit is lower)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ImageError(ValueError):
@@ -84,6 +86,16 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[n
     if x.ndim != 3 or x.shape[2] != 3 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ImageError(f"unexpected image shape {x.shape}")
     return x, notes
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """load_image without the conversion notes."""
+    return load_image(path)[0]
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """All image files under `root` (recursive, sorted by path), as CompressAI's tools find them."""
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 def to_tensor(x: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -5,12 +5,17 @@
 
 Dims are flattened in memory order and standardised by the prior. Dims whose KL exceeds
 `outlier_bits` are sent as 16-bit quantised values (the encoder keeps the dequantised value,
-as the decoder will see it). The rest is cut, in scan order, into runs whose KL fits the
-group budget and coded by the level's sampler (greedy or importance). Layout of the bytes:
+as the decoder will see it). The rest is cut, in scan order, into segments: zero runs (at
+least `zero_run` consecutive dims of KL <= `zero_kl_bits`: a prior sample from the shared
+stream, no index) and groups whose KL fits the group budget, coded by the level's sampler.
+With `adaptive` params each group's index length follows its KL (importance: L_g =
+ceil(KL_g + t) bits, 2^L_g candidates; greedy: S_g = ceil((KL_g + margin) / b) steps), and is
+sent as side information; otherwise every group costs B bits / S steps (the thesis code).
 
-    u8 version | u8 sampler | u16 params check | varint n_groups | varint n_outliers
-    | varint len(rans) | rANS side info (group sizes, outlier gaps) | raw bits (histogram
-    tables, mantissas, outlier values, indices) | u32 CRC32 of everything before
+    u8 version (2) | u8 sampler | u16 params check | varint n_segments | varint n_zero_runs
+    | varint n_outliers | varint len(rans) | rANS side info (segment kinds/lengths, group
+    sizes, zero-run lengths, outlier gaps) | raw bits (tables or raw small fields, mantissas,
+    outlier values, indices) | u32 CRC32 of everything before
 """
 
 import math
@@ -33,9 +38,10 @@ from codec.entropy import (
 )
 from codec.params import CoderParams, LevelParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 OUTLIER_BITS_Q = 16
 _SAMPLER_IDS = {"greedy": 1, "importance": 2}
+_LONG = rng.GROUP_BITS + 1  # bit lengths of run lengths and gaps (a level has < 2^28 dims)
 _DIRECT_ALPHABET = 64  # group sizes up to this are rANS symbols; larger ones are bucketed
 
 
@@ -67,6 +73,47 @@ def partition(kl_bits: np.ndarray, budget_bits: float, max_size: int) -> np.ndar
         sizes.append(e - s)
         s = e
     return np.asarray(sizes, dtype=np.int64)
+
+
+def segments(kl_bits: np.ndarray, lp: LevelParams) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the (non-outlier) dims into segments: (sizes, is_zero_run).
+
+    Maximal runs of at least `lp.zero_run` dims each with KL <= `lp.zero_kl_bits` become zero
+    runs (a prior sample from the shared stream, no index); the dims between them are
+    partitioned into coded groups.
+    """
+    n = kl_bits.size
+    cuts = [(0, 0)]
+    if lp.zero_run > 0 and n:
+        zero = np.concatenate([[False], kl_bits <= lp.zero_kl_bits, [False]])
+        edges = np.flatnonzero(np.diff(zero.astype(np.int8)))
+        starts, ends = edges[0::2], edges[1::2]
+        keep = ends - starts >= lp.zero_run
+        cuts += list(zip(starts[keep].tolist(), ends[keep].tolist()))
+    cuts.append((n, n))
+    sizes, zero_flags = [], []
+    for (_, a), (b, e) in zip(cuts[:-1], cuts[1:]):
+        if b > a:
+            part = partition(kl_bits[a:b], lp.budget_bits, lp.max_group_size)
+            sizes += part.tolist()
+            zero_flags += [False] * part.size
+        if e > b:
+            sizes.append(e - b)
+            zero_flags.append(True)
+    return np.asarray(sizes, dtype=np.int64), np.asarray(zero_flags, dtype=bool)
+
+
+def index_lengths(group_kl_bits: np.ndarray, lp: LevelParams) -> np.ndarray:
+    """Per coded group: importance index bits L_g, or greedy steps S_g (adaptive params only).
+
+    Importance: L_g = ceil(KL_g + t) in [0, B], so the group draws 2^L_g candidates and its
+    index costs L_g bits. Greedy: S_g = ceil((KL_g + margin) / b) in [1, S] steps.
+    """
+    if lp.sampler == "importance":
+        raw = np.ceil(group_kl_bits + lp.oversample_bits - 1e-9)
+        return np.clip(raw, 0, lp.index_bits).astype(np.int64)
+    raw = np.ceil((group_kl_bits + lp.margin_nats / math.log(2)) / lp.index_bits - 1e-9)
+    return np.clip(raw, 1, lp.steps).astype(np.int64)
 
 
 def _dequantise(q: torch.Tensor, rng_: float) -> torch.Tensor:
@@ -129,61 +176,111 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     kl_bits = (kl / math.log(2)).cpu().numpy()
     n = m.numel()
     _check_size(n)
-    outlier = torch.from_numpy(kl_bits > lp.outlier_bits).to(m.device)
+    device = m.device
+    out_np = kl_bits > lp.outlier_bits
+    if lp.outlier_min_ratio > 0:  # greedy: shards of variance 1/S cannot resolve these
+        ratio = (v.sqrt() * math.sqrt(lp.steps)).cpu().numpy()
+        out_np |= (ratio < lp.outlier_min_ratio) & (kl_bits > lp.outlier_min_bits)
+    outlier = torch.from_numpy(out_np).to(device)
     out_pos = torch.nonzero(outlier).squeeze(1)
     inl_pos = torch.nonzero(~outlier).squeeze(1)
-    sizes = partition(kl_bits[inl_pos.cpu().numpy()], lp.budget_bits, lp.max_group_size)
-    sizes_t = torch.from_numpy(sizes).to(m.device)
-    eps = torch.empty(n, dtype=torch.float32, device=m.device)
+    inl_np = inl_pos.cpu().numpy()
+    seg_sizes, seg_zero = segments(kl_bits[inl_np], lp)
+    seg_dim_zero = np.repeat(seg_zero, seg_sizes)
+    zero_pos = inl_pos[torch.from_numpy(seg_dim_zero).to(device)]
+    cod_pos = inl_pos[torch.from_numpy(~seg_dim_zero).to(device)]
+    sizes = seg_sizes[~seg_zero]
+    sizes_t = torch.from_numpy(sizes).to(device)
+    eps = torch.empty(n, dtype=torch.float32, device=device)
 
     # outliers: a private posterior draw, quantised; the encoder keeps what the decoder sees
     draw = m[out_pos] + v[out_pos].sqrt() * rng.outlier_normals(seed, level, out_pos).double()
     r = params.outlier_range
     q = torch.round((draw.clamp(-r, r) + r) / (2 * r) * ((1 << OUTLIER_BITS_Q) - 1)).long()
     eps[out_pos] = _dequantise(q, r)
+    eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
 
+    group_kl = torch.zeros(len(sizes), dtype=torch.float64, device=device)
+    group_kl.index_add_(0, torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                                   sizes_t), kl[cod_pos])
+    group_kl_bits = (group_kl / math.log(2)).cpu().numpy()
+    lens = index_lengths(group_kl_bits, lp) if lp.adaptive else None
     common = dict(seed=seed, level=level, bits=lp.index_bits,
                   memory_bytes=params.memory_mb << 20, gemm_dtype=params.gemm_torch_dtype)
     if lp.sampler == "greedy":
-        idx, x = greedy.encode(m[inl_pos], v[inl_pos], sizes_t, steps=lp.steps,
-                               width=params.pool_width, windows=params.pool_windows, **common)
+        steps_t = None if lens is None else torch.from_numpy(lens).to(device)
+        idx, x = greedy.encode(m[cod_pos], v[cod_pos], sizes_t, steps=lp.steps,
+                               width=params.pool_width, windows=params.pool_windows,
+                               group_steps=steps_t, decay=lp.shard_decay,
+                               auxiliary=lp.target == "auxiliary", **common)
+        steps_np = np.full(len(sizes), lp.steps) if lens is None else lens
+        used = np.arange(lp.steps)[None, :] < steps_np[:, None]
+        idx_np = idx.cpu().numpy()[used]
+        widths = lp.index_bits
     else:
-        group_kl = torch.zeros(len(sizes), dtype=torch.float64, device=m.device)
-        group_kl.index_add_(0, torch.repeat_interleave(
-            torch.arange(len(sizes), device=m.device), sizes_t), kl[inl_pos])
-        n_cand = torch.exp(group_kl + lp.oversample_bits * math.log(2)).ceil()
+        if lens is None:
+            n_cand = torch.exp(group_kl + lp.oversample_bits * math.log(2)).ceil()
+            widths = lp.index_bits
+        else:
+            n_cand = torch.exp2(torch.from_numpy(lens).to(device).double())
+            widths = lens
         n_cand = n_cand.clamp(1, 1 << lp.index_bits).long()
-        idx, x = importance.encode(m[inl_pos], v[inl_pos], sizes_t, n_cand,
+        idx, x = importance.encode(m[cod_pos], v[cod_pos], sizes_t, n_cand,
                                    width=lp.pool_width, sample=lp.selection == "sample",
                                    **common)
-    eps[inl_pos] = x
+        idx_np = idx.cpu().numpy()
+    eps[cod_pos] = x
 
     bits = BitWriter()
+    len_sym, len_alphabet = _length_symbols(lens, seg_zero, lp)
     size_alphabet, direct = _size_field(lp)
     size_sym, size_mant, size_w = bucketize(sizes - 1 if direct else sizes, direct)
+    zl_sym, zl_mant, zl_w = bucketize(seg_sizes[seg_zero], 0)
     gaps = torch.diff(out_pos, prepend=out_pos.new_tensor([-1])).cpu().numpy()
     gap_sym, gap_mant, gap_w = bucketize(gaps, 0)
-    rans = encode_fields([(size_sym, size_alphabet), (gap_sym, 64)], bits)
+    rans = encode_fields([(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG),
+                          (gap_sym, _LONG)], bits)
     bits.write(size_mant, size_w)
+    bits.write(zl_mant, zl_w)
     bits.write(gap_mant, gap_w)
     bits.write(q.cpu().numpy(), OUTLIER_BITS_Q)
     side_bits = bits.n_bits
-    bits.write(idx.cpu().numpy().reshape(-1), lp.index_bits)
+    bits.write(idx_np.reshape(-1), widths)
+    index_bits = bits.n_bits - side_bits
     head = struct.pack(">BBH", FORMAT_VERSION, _SAMPLER_IDS[lp.sampler], _check(params, level))
-    head += _varint(len(sizes)) + _varint(out_pos.numel()) + _varint(len(rans))
+    head += (_varint(len(seg_sizes)) + _varint(int(seg_zero.sum())) + _varint(out_pos.numel())
+             + _varint(len(rans)))
     body = head + rans + bits.getvalue()
     data = body + struct.pack(">I", zlib.crc32(body))
 
     sample = _destandardise(eps, p_loc, p_scale)
     if not return_stats:
         return sample, data
-    index_bits = idx.numel() * lp.index_bits
     stats = dict(level=level, sampler=lp.sampler, n_dims=n, kl_bits=float(kl_bits.sum()),
                  bits=8 * len(data), index_bits=index_bits,
                  side_bits=8 * len(data) - index_bits, n_groups=len(sizes),
-                 n_outliers=int(out_pos.numel()), outlier_kl_bits=float(kl_bits[kl_bits > lp.outlier_bits].sum()),
+                 n_outliers=int(out_pos.numel()), outlier_kl_bits=float(kl_bits[out_np].sum()),
+                 n_zero_runs=int(seg_zero.sum()), n_zero_dims=int(zero_pos.numel()),
+                 zero_kl_bits=float(kl_bits[inl_np][seg_dim_zero].sum()),
                  rans_bytes=len(rans), raw_side_bits=side_bits, seconds=time.perf_counter() - t0)
     return sample, data, stats
+
+
+def _length_symbols(lens, seg_zero: np.ndarray, lp: LevelParams) -> tuple[np.ndarray, int]:
+    """One symbol per segment: 0 for a zero run, else 1 + the group's index length (importance
+    L_g) or its steps - 1 (greedy S_g); just 1 when lengths are fixed (not adaptive)."""
+    sym = np.zeros(seg_zero.size, dtype=np.int64)
+    if lens is None:
+        sym[~seg_zero] = 1
+        return sym, 2
+    sym[~seg_zero] = lens + 1 if lp.sampler == "importance" else lens
+    return sym, _length_alphabet(lp)
+
+
+def _length_alphabet(lp: LevelParams) -> int:
+    if not lp.adaptive:
+        return 2
+    return lp.index_bits + 2 if lp.sampler == "importance" else lp.steps + 1
 
 
 def _destandardise(eps: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
@@ -209,44 +306,66 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int,
         raise RecDecodeError(f"level {level}: format {version}/{sampler} is not supported")
     if check != _check(params, level):
         raise RecDecodeError(f"level {level}: coded with different CoderParams")
-    n_groups, pos = _read_varint(body, 4)
+    n_seg, pos = _read_varint(body, 4)
+    n_zero, pos = _read_varint(body, pos)
     n_out, pos = _read_varint(body, pos)
     n_rans, pos = _read_varint(body, pos)
     n = p_loc.numel()
     _check_size(n)
-    if n_out > n or n_groups > n - n_out or (n_groups == 0) != (n_out == n):
-        raise RecDecodeError(f"level {level}: {n_groups} groups / {n_out} outliers for {n} dims")
+    n_groups = n_seg - n_zero
+    if n_out > n or n_seg > n - n_out or n_zero > n_seg or (n_seg == 0) != (n_out == n):
+        raise RecDecodeError(f"level {level}: {n_seg} segments / {n_out} outliers for {n} dims")
     if pos + n_rans > len(body):
         raise RecDecodeError(f"level {level}: side information truncated")
     bits = BitReader(body[pos + n_rans :])
     size_alphabet, direct = _size_field(lp)
-    size_sym, gap_sym = decode_fields(body[pos : pos + n_rans],
-                                      [(n_groups, size_alphabet), (n_out, 64)], bits)
+    len_sym, size_sym, zl_sym, gap_sym = decode_fields(
+        body[pos : pos + n_rans],
+        [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG),
+         (n_out, _LONG)], bits)
+    seg_zero = len_sym == 0
+    if int(seg_zero.sum()) != n_zero:
+        raise RecDecodeError(f"level {level}: zero-run count mismatch")
     sizes = unbucketize(size_sym, bits, direct) + (1 if direct else 0)
+    zero_len = unbucketize(zl_sym, bits, False)
     gaps = unbucketize(gap_sym, bits, False)
     q = torch.from_numpy(bits.read(n_out, OUTLIER_BITS_Q).astype(np.int64))
-    idx = bits.read(n_groups * lp.steps, lp.index_bits).astype(np.int64)
+    lens = len_sym[~seg_zero] - (1 if lp.sampler == "importance" else 0)
+    if lp.sampler == "greedy":
+        steps_np = lens if lp.adaptive else np.full(n_groups, lp.steps, dtype=np.int64)
+        flat = bits.read(int(steps_np.sum()), lp.index_bits).astype(np.int64)
+        idx = np.zeros((n_groups, lp.steps), dtype=np.int64)
+        idx[np.arange(lp.steps)[None, :] < steps_np[:, None]] = flat
+    else:
+        idx = bits.read(n_groups, lens if lp.adaptive else lp.index_bits).astype(np.int64)
     bits.finish()
     out_pos = np.cumsum(gaps) - 1
     if sizes.size and (sizes.min() < 1 or sizes.max() > lp.max_group_size):
         raise RecDecodeError(f"level {level}: group size out of range")
-    if int(sizes.sum()) != n - n_out or (out_pos.size and out_pos[-1] >= n):
+    if int(sizes.sum()) + int(zero_len.sum()) != n - n_out or (out_pos.size and out_pos[-1] >= n):
         raise RecDecodeError(f"level {level}: groups and outliers do not cover {n} dims")
+    seg_sizes = np.zeros(n_seg, dtype=np.int64)
+    seg_sizes[seg_zero], seg_sizes[~seg_zero] = zero_len, sizes
 
     device = p_loc.device
     outlier = torch.zeros(n, dtype=torch.bool, device=device)
     out_t = torch.from_numpy(out_pos).to(device)
     outlier[out_t] = True
     inl_pos = torch.nonzero(~outlier).squeeze(1)
+    seg_dim_zero = torch.from_numpy(np.repeat(seg_zero, seg_sizes)).to(device)
+    zero_pos, cod_pos = inl_pos[seg_dim_zero], inl_pos[~seg_dim_zero]
     eps = torch.empty(n, dtype=torch.float32, device=device)
     eps[out_t] = _dequantise(q.to(device), params.outlier_range)
+    eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
     sizes_t = torch.from_numpy(sizes).to(device)
     idx_t = torch.from_numpy(idx).to(device)
     if lp.sampler == "greedy":
-        eps[inl_pos] = greedy.decode(idx_t.view(n_groups, lp.steps), sizes_t, seed=seed,
-                                     level=level, bits=lp.index_bits, steps=lp.steps,
-                                     width=params.pool_width, windows=params.pool_windows)
+        eps[cod_pos] = greedy.decode(idx_t, sizes_t, seed=seed, level=level, bits=lp.index_bits,
+                                     steps=lp.steps, width=params.pool_width,
+                                     windows=params.pool_windows,
+                                     group_steps=torch.from_numpy(steps_np).to(device),
+                                     decay=lp.shard_decay)
     else:
-        eps[inl_pos] = importance.decode(idx_t, sizes_t, seed=seed, level=level,
+        eps[cod_pos] = importance.decode(idx_t, sizes_t, seed=seed, level=level,
                                          bits=lp.index_bits, width=lp.pool_width)
     return _destandardise(eps, p_loc, p_scale)

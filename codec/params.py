@@ -24,6 +24,13 @@ class LevelParams:
     outlier_bits: float = 24.0  # dims with more KL are sent as 16-bit values
     oversample_bits: float = 0.0  # importance: n_g = min(2^B, ceil(exp(KL_g) * 2^t))
     selection: str = "argmax"  # importance: "argmax" (thesis code) or "sample" (prop. to w)
+    adaptive: bool = True  # per-group index length from its KL, sent as side info (thesis: no)
+    zero_kl_bits: float = 0.02  # dims at most this KL, in runs of >= zero_run, take a prior
+    zero_run: int = 16  # sample from the shared stream and cost no index (0: off)
+    target: str = "sum"  # greedy step score: "sum" (thesis: log q(z + a)) or "auxiliary"
+    shard_decay: float = 1.0  # greedy shard variances r^k, normalised (1: thesis' equal)
+    outlier_min_ratio: float = 0.0  # greedy: dims with sigma_q/sigma_p < ratio/sqrt(S) ...
+    outlier_min_bits: float = 0.0  # ... and KL above this are sent as outliers too
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -38,8 +45,13 @@ class LevelParams:
             raise ValueError("importance groups hold at most 64 dims")
         if self.selection not in ("argmax", "sample"):
             raise ValueError("selection must be 'argmax' or 'sample'")
+        if not 0.0 < self.shard_decay <= 1.0:
+            raise ValueError("shard_decay must be in (0, 1]")
         if self.budget_bits <= 0:
             raise ValueError("margin_nats leaves no group budget")
+
+    def replace(self, **changes) -> "LevelParams":
+        return replace(self, **changes)
 
     @property
     def budget_bits(self) -> float:
@@ -51,8 +63,15 @@ class LevelParams:
         return max(2, 1 << (self.max_group_size - 1).bit_length())
 
 
-THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0)
-THESIS_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0)
+# The thesis code's budgets (S=30 x b=14 bits, groups <= 4095; B=20 bits, groups <= 15, margin
+# 1 nat). Departures, all in the encoder's or the format's favour (see `preset`): index lengths
+# adapt per group, near-zero-KL runs cost no index, the level-2 outlier limit is the group
+# budget (thesis: 12 bits) and greedy shards shrink geometrically (thesis: equal).
+THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, shard_decay=0.85)
+THESIS_L2 = LevelParams("importance", 20, 1, 15, 1.0, 18.5, zero_run=16)
+# Exactly the thesis code's semantics (fixed B-bit / S-step indices, equal shards, 12-bit limit).
+THESIS_CODE_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, adaptive=False, zero_run=0)
+THESIS_CODE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0, adaptive=False, zero_run=0)
 
 
 @dataclass(frozen=True)
@@ -78,15 +97,21 @@ class CoderParams:
 
     @classmethod
     def preset(cls, name: str) -> "CoderParams":
-        if name == "thesis":  # the thesis code's parameters (S=30 x 14 bits; B=20, G=15)
+        if name == "thesis":  # the thesis code's budgets, see THESIS_L1 / THESIS_L2
             return cls()
-        if name == "fast":  # ~10x fewer candidate evaluations, a little more rate
+        if name == "thesis-code":  # the thesis code's semantics, for comparisons
+            return cls(level1=THESIS_CODE_L1, level2=THESIS_CODE_L2)
+        if name == "fast":  # ~10x fewer candidate evaluations; level 2 greedy (fewer groups)
             return cls(
-                level1=LevelParams("greedy", 10, 40, 4095, 1.0, 24.0),
-                level2=LevelParams("importance", 16, 1, 15, 1.0, 11.0),
+                level1=LevelParams("greedy", 10, 40, 4095, 1.0, 24.0, zero_run=1024,
+                                   shard_decay=0.85),
+                # dims with sigma_q/sigma_p < 0.1/sqrt(12) go to outliers: 12 steps of
+                # 10 bits cannot pin them (the importance sampler costs 1.3-1.7x KL instead)
+                level2=LevelParams("greedy", 10, 12, 4095, 0.5, 18.0, zero_run=384,
+                                   shard_decay=0.9, outlier_min_ratio=0.1),
                 gemm_dtype="float32",
             )
-        raise ValueError(f"unknown preset {name!r} (thesis, fast)")
+        raise ValueError(f"unknown preset {name!r} (thesis, fast, thesis-code)")
 
     def for_level(self, level: int) -> LevelParams:
         if level not in (1, 2):
@@ -100,9 +125,9 @@ class CoderParams:
     def format_bytes(self, level: int) -> bytes:
         """The fields a decoder of this level depends on."""
         lp = self.for_level(level)
-        return struct.pack(">BBBHHfHH", level, 1 + SAMPLERS.index(lp.sampler), lp.index_bits,
+        return struct.pack(">BBBHHfHHBd", level, 1 + SAMPLERS.index(lp.sampler), lp.index_bits,
                            lp.steps, lp.max_group_size, self.outlier_range, self.pool_width,
-                           self.pool_windows)
+                           self.pool_windows, int(lp.adaptive), lp.shard_decay)
 
     def to_dict(self) -> dict:
         return asdict(self)

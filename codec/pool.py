@@ -31,6 +31,7 @@ class Layout:
     block_group: torch.Tensor  # (nb,) group of each block
     block_index: torch.Tensor  # (nb,) j: index of the block inside its group
     group_first_block: torch.Tensor  # (G,)
+    dim_slot: torch.Tensor | None  # (N,) block * width + position; None when that is arange(N)
 
 
 def make_layout(sizes: torch.Tensor, width: int, device, max_windows: int = 1 << 30) -> Layout:
@@ -46,16 +47,20 @@ def make_layout(sizes: torch.Tensor, width: int, device, max_windows: int = 1 <<
     first_block = torch.cumsum(blocks_per_group, 0) - blocks_per_group
     block_group = torch.repeat_interleave(g, blocks_per_group)
     block_index = torch.arange(block_group.numel(), device=device) - first_block[block_group]
+    dim_block = first_block[dim_group] + t // width
+    dim_pos = t % width
+    full = bool((sizes % width == 0).all())  # every block full: slots are just 0..N-1
     return Layout(
         n_groups=sizes.numel(),
         width=width,
         n_windows=min(max_windows, max(1, int(blocks_per_group.max())) if sizes.numel() else 1),
         dim_group=dim_group,
-        dim_block=first_block[dim_group] + t // width,
-        dim_pos=t % width,
+        dim_block=dim_block,
+        dim_pos=dim_pos,
         block_group=block_group,
         block_index=block_index,
         group_first_block=first_block,
+        dim_slot=None if full else dim_block * width + dim_pos,
     )
 
 
@@ -79,13 +84,17 @@ def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
     first_w0 = w0[lay.group_first_block] if lay.n_groups else w0[:0]
     window = (rng._srl(first_w0, 24) % lay.n_windows)[lay.block_group]
     block_window = (window + lay.block_index) % lay.n_windows
-    b, u = lay.dim_block, lay.dim_pos
-    col = block_window[b] * w + ((mult[b] * u + add[b]) & (w - 1))
-    bit = (words.reshape(-1)[b * n_words + 1 + u // 64] >> (u % 64)) & 1
-    sign = 1.0 - 2.0 * bit.to(torch.float32)
+    # Per block and slot u < width (broadcast, no per-dim gathers), then the slots in use.
+    u = torch.arange(w, device=w0.device)
+    col = (block_window * w)[:, None] + ((mult[:, None] * u + add[:, None]) & (w - 1))
+    sign_words = words[:, 1:].repeat_interleave(64, dim=1)[:, :w]
+    sign = 1.0 - 2.0 * ((sign_words >> (u % 64)) & 1).to(torch.float32)
+    col, sign = col.reshape(-1), sign.reshape(-1)
+    if lay.dim_slot is not None:
+        col, sign = col[lay.dim_slot], sign[lay.dim_slot]
     shift = lay.block_index // lay.n_windows
     return Scramble(col=col, sign=sign, block_window=block_window, block_shift=shift,
-                    dim_shift=shift[b])
+                    dim_shift=shift[lay.dim_block])
 
 
 def block_matrix(lay: Layout, scr: Scramble, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ GAMMA = 0x9E3779B97F4A7C15
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 # Counter layout: domain (3 bits) | level (3 bits) | 58-bit payload.
-POOL, SCRAMBLE, OUTLIER, GUMBEL = 1, 2, 3, 4
+POOL, SCRAMBLE, OUTLIER, GUMBEL, ZERO_RUN = 1, 2, 3, 4, 5
 MAX_LEVEL = 7
 ROW_BITS, COL_BITS = 24, 16  # pool entries: row = candidate, col = pool column
 GROUP_BITS, STEP_BITS, BLOCK_BITS, WORD_BITS = 28, 8, 8, 4  # scramble words
@@ -115,23 +115,25 @@ def _build_tables() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _CENTRAL, _TAIL = _build_tables()
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# hi - lo of each cell, rounded to float32 once: the same value the subtraction gives at run time
+_DIFF = _CENTRAL[torch.arange(1, 65537).clamp(max=65535)] - _CENTRAL
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if device not in _TABLES:
-        _TABLES[device] = (_CENTRAL.to(device), _TAIL.to(device))
+        _TABLES[device] = (_CENTRAL.to(device), _TAIL.to(device), _DIFF.to(device))
     return _TABLES[device]
 
 
 def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: torch.Tensor,
              lo: torch.Tensor) -> None:
     """float32 N(0,1) from the low 32 bits of int64 `bits`, written into `out` (same length)."""
-    central, tail = _tables(bits.device)
+    central, tail, diff = _tables(bits.device)
     torch.bitwise_right_shift(bits, 15, out=cell).bitwise_and_(0xFFFF)
     torch.index_select(central, 0, cell, out=lo)
-    torch.index_select(central, 0, tmp.copy_(cell).add_(1).clamp_(max=65535), out=out)
-    out.sub_(lo).mul_(torch.bitwise_and(bits, 0x7FFF, out=tmp).to(torch.float32) * 2.0**-15)
+    torch.index_select(diff, 0, cell, out=out)  # hi - lo
+    out.mul_(torch.bitwise_and(bits, 0x7FFF, out=tmp).to(torch.float32) * 2.0**-15)
     out.add_(lo)  # lo + (hi - lo) * frac as three separately rounded ops: same on every device
     in_tail = cell == 65535
     if bool(in_tail.any()):
@@ -237,6 +239,11 @@ def scramble_words(
 def outlier_normals(seed: int, level: int, dims: torch.Tensor) -> torch.Tensor:
     """Encoder-private N(0,1) draws for outlier dims (keyed by flat dim index)."""
     return normals(seed, _signed(counter_base(OUTLIER, level)) | dims.to(torch.int64))
+
+
+def zero_run_normals(seed: int, level: int, dims: torch.Tensor) -> torch.Tensor:
+    """Shared N(0,1) prior draws for dims in zero-KL runs (keyed by flat dim index)."""
+    return normals(seed, _signed(counter_base(ZERO_RUN, level)) | dims.to(torch.int64))
 
 
 def gumbel(seed: int, level: int, groups: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+from codec.image import ImageError, find_images, load_image
 
 
 class DataError(ValueError):
@@ -21,20 +21,17 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = find_images(folder)
     if not files:
         raise DataError(f"no images (.png/.jpg/...) in data folder: {folder}")
     return files
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8; any PIL mode is converted to 8-bit RGB."""
+    """(H, W, 3) uint8 through the codec's loader (any mode converted to 8-bit RGB)."""
     try:
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
-                im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+        return load_image(path)[0]
+    except ImageError as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 

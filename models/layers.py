@@ -1,8 +1,13 @@
 """Convolution blocks of the thesis networks: mirror-padded strided convs with GDN, and their transposes."""
 
+import warnings
+
 import torch.nn.functional as F
-from compressai.layers import GDN
 from torch import Tensor, nn
+
+with warnings.catch_warnings():  # compressai 1.2.8 calls torch.jit.script at import (deprecated in torch 2.14)
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+    from compressai.layers import GDN
 
 
 class ConvDS(nn.Module):

@@ -17,7 +17,7 @@ if __package__ in (None, ""):
 
 import compress
 from codec.image import load_image
-from scripts.rd_common import psnr
+from codec.metrics import psnr
 
 
 def sample_photo() -> Path:

@@ -38,9 +38,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+# Images and metrics are the codec's own, re-exported for the scripts.
+from codec.image import IMAGE_EXTS, find_images, load_rgb  # noqa: F401
+from codec.metrics import ms_ssim, msssim_to_db, psnr  # noqa: F401
+
 RESULT_KEYS = (
     "bpp",
     "psnr-rgb",
@@ -55,62 +57,7 @@ METRIC_KEYS = {
 }  # what plots and BD tables use
 
 
-# --------------------------------------------------------------- images & metrics
-
-
-def find_images(root: str | Path) -> list[Path]:
-    """All images under `root` (recursive, sorted), as CompressAI's tools find them."""
-    root = Path(root)
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-    )
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Load any image as (H, W, 3) uint8 RGB (palette, gray, RGBA, 16 bit converted)."""
-    with Image.open(path) as im:
-        if im.mode in (
-            "I;16",
-            "I;16B",
-            "I;16L",
-            "I",
-        ):  # 16-bit gray: scale to 8 bit, not clip
-            im = Image.fromarray(
-                (np.asarray(im, dtype=np.float64) / 257.0).round().astype(np.uint8)
-            )
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def psnr(a: np.ndarray, b: np.ndarray, max_val: float = 255.0) -> float:
-    """PSNR in dB over all samples of two 8-bit images (inf when identical)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else 10.0 * math.log10(max_val**2 / mse)
-
-
-def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """MS-SSIM of two (H, W, 3) uint8 images (pytorch_msssim, data_range=255).
-
-    pytorch_msssim needs both sides > 160 px; smaller images give NaN, not an error.
-    """
-    if min(a.shape[:2]) <= 160:
-        return math.nan
-    import torch
-    from pytorch_msssim import ms_ssim as _ms_ssim
-
-    def t(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(x, dtype=np.float32)).permute(2, 0, 1)[
-            None
-        ]  # (1,3,H,W)
-
-    with torch.no_grad():
-        return float(_ms_ssim(t(a), t(b), data_range=255.0).item())
-
-
-def msssim_to_db(x: float) -> float:
-    """MS-SSIM → dB: −10·log10(1 − x) (inf at x = 1, NaN for NaN)."""
-    if x is None or not math.isfinite(x):
-        return math.nan
-    return math.inf if x >= 1.0 else -10.0 * math.log10(1.0 - x)
+# --------------------------------------------------------------- metrics
 
 
 def db_to_msssim(db: float) -> float:
