@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from codec.api import PRESETS
 from codec.image import IMAGE_EXTS
 from codec.metrics import psnr
 
@@ -49,17 +50,16 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="compress.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="compress.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    enc = sub.add_parser("encode", help="images -> .rec", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    enc = sub.add_parser("encode", help="images -> .rec")
     enc.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
     enc.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
     enc.add_argument("--model", metavar="NAME|PATH", help="model file, name or hash (default: weights/DEFAULT)")
-    enc.add_argument("--coder", default="thesis", choices=("thesis", "fast"), help="coder preset")
-    enc.add_argument("--seed", type=_seed, default=0, help="seed of the shared randomness")
+    enc.add_argument("--coder", default="thesis", choices=PRESETS, help="coder preset (default: thesis)")
+    enc.add_argument("--seed", type=_seed, default=0, help="seed of the shared randomness (default: 0)")
     enc.add_argument("--max-pixels", type=_positive, default=None, help="refuse larger images (default 12e6)")
-    dec = sub.add_parser("decode", help=".rec -> PNG", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dec = sub.add_parser("decode", help=".rec -> PNG")
     dec.add_argument("inputs", nargs="+", metavar="IN.rec", help=".rec files or folders")
     dec.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
     dec.add_argument("--model", metavar="PATH", help="model file to use (its hash must match the header)")
