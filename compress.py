@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--model", metavar="PATH", help="model file to use (its hash must match the header)")
     for s in (enc, dec):
         s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+        s.add_argument("--threads", type=_positive, default=None,
+                       help="CPU threads (default: torch's); 1 is often faster on a busy machine")
         s.add_argument("--force", action="store_true", help="overwrite existing outputs")
         s.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
     info = sub.add_parser("info", help="print .rec headers as JSON")
@@ -262,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if not torch.cuda.is_available():
                 raise UsageError("--device cuda: CUDA is not available")
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info}[args.command](args)
     except UsageError as e:
         print(f"compress.py: error: {e}", file=sys.stderr)
@@ -271,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("compress.py: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `compress.py info a.rec | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # never a traceback for the user; REC_DEBUG=1 shows it
         if os.environ.get("REC_DEBUG"):
             raise

@@ -300,6 +300,7 @@ def test_encode_with_model_name_and_path(capsys, tmp_path, weights):
     (["encode", "a.png", "--seed", "-1"], "argument --seed: -1 is outside [0, 2^64)"),
     (["encode", "a.png", "--coder", "nope"], "argument --coder: invalid choice: 'nope'"),
     (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+    (["decode", "a.rec", "--threads", "0"], "argument --threads: 0 is not positive"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, message):
     code, _, err = run(capsys, *argv)
