@@ -54,6 +54,7 @@ class TrainConfig:
     ckpt_minutes: float = 5.0  # write a checkpoint at least this often
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time, 0 = no limit
     max_bad_steps: int = 20  # abort after this many consecutive non-finite losses
+    init_from: str = ""  # start from the weights of a checkpoint or model file (fine-tuning another β)
     tag: str = ""  # export tag, default: the out_dir name
     export_dir: str = "weights"
     export_dtype: str = "float32"  # "float32", "float16" or "bfloat16"
@@ -233,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                                   {"params": gamma_params, "lr_scale": cfg.gamma_lr / cfg.lr if cfg.gamma_lr else 1.0}],
                                  lr=cfg.lr)
     step, best_val = 0, float("inf")
+    if cfg.init_from and ckpt is None:
+        try:
+            blob = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+            model.load_state_dict(blob["model"] if "model" in blob else blob["state_dict"])
+        except (OSError, KeyError, RuntimeError) as e:
+            print(f"train.py: error: cannot initialise from {cfg.init_from}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -133,3 +133,14 @@ def test_the_previous_checkpoint_is_kept_as_a_way_back(photo_dir, tmp_path):
     assert run_train(f"--out_dir={tmp_path / 'run'}", "--steps=3", "--resume") == 0
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
     assert torch.load(tmp_path / "run" / "ckpt_prev.pt", weights_only=True)["step"] == 2
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(photo_dir, tmp_path):
+    common = [f"--data_dir={photo_dir}", f"--export_dir={tmp_path / 'w'}"]
+    assert run_train(*common, f"--out_dir={tmp_path / 'base'}", "--steps=2") == 0
+    base = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    assert run_train(*common, f"--out_dir={tmp_path / 'ft'}", "--steps=0",
+                     f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", "--beta=1.0") == 0
+    tuned = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert tuned["step"] == 0 and all(torch.equal(base["model"][k], tuned["model"][k]) for k in base["model"])
+    assert run_train(*common, f"--out_dir={tmp_path / 'bad'}", f"--init_from={tmp_path / 'nope.pt'}") == 2
