@@ -10,9 +10,8 @@ Args:
     cfg: ModelConfig with arch="vae"; uses channels (N), latents (F), likelihood and γ settings.
 """
 
-import math
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import LatentVariableModel, bounded_scale
 from .config import ModelConfig
