@@ -251,18 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
         return 0
 
+    bf16 = use_bf16(cfg.amp, device)
     if is_main:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / "config.json").write_text(json.dumps(config, indent=2))
         n_params = sum(p.numel() for p in model.parameters())
         print(json.dumps(config), file=sys.stderr)
         print(f"{model_cfg.arch}: {n_params / 1e6:.2f} M parameters; {len(data.files)} training images; "
-              f"starting at step {step}; {'bf16 autocast' if use_bf16(cfg.amp, device) else 'fp32'}", file=sys.stderr)
+              f"starting at step {step}; {'bf16 autocast' if bf16 else 'fp32'}", file=sys.stderr)
     objective = Objective(model)
     net = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     log = open(Path(cfg.out_dir) / "log.jsonl", "a") if is_main else None
     board = tensorboard_writer(cfg.out_dir) if is_main else None
-    bf16 = use_bf16(cfg.amp, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     start = last_ckpt = time.time()
     bad_steps = 0
