@@ -1,11 +1,12 @@
 """β-ELBO training of the Gaussian VAE / PLN, with KL warm-up, resume, bf16 autocast and DDP.
 
     python train.py configs/pln_cpu.toml --data_dir=photos/ --out_dir=runs/cpu-b0.1 --beta=0.1
-    python train.py configs/pln_cpu.toml --out_dir=runs/cpu-b0.1 --resume     # continue where it stopped
+    python train.py --out_dir=runs/cpu-b0.1 --resume --max_minutes=60        # continue where it stopped
     python train.py --out_dir=runs/cpu-b0.1 --export                          # write weights/<arch>-<tag>-<sha8>.pt
     torchrun --nproc_per_node=2 train.py configs/pln_thesis_b0.1.toml --device=cuda ...
 
 Defaults live in TrainConfig and models.ModelConfig; a TOML file overrides them; `--key=value` wins.
+On --resume the checkpoint's saved config sits above any TOML file, so only `--key=value` changes it.
 Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), all in nats.
 """
 
@@ -79,9 +80,12 @@ def parse_value(key: str, text: str, default):
 
 
 def resolve_config(argv: list[str], base: dict | None = None) -> tuple[TrainConfig, ModelConfig, set[str]]:
-    """defaults < `base` (a checkpoint's config) < TOML files < --key=value. Returns the configs and flags."""
+    """defaults < TOML files < `base` (a resumed checkpoint's config) < --key=value.
+
+    A checkpoint's config outranks TOML files so that resuming with the command line that started a
+    fine-tuned run (say the TOML plus --beta=1.5) cannot silently put the TOML's β back."""
     defaults = {**asdict(TrainConfig()), **ModelConfig().to_dict()}
-    values, flags = dict(base or {}), set()
+    values, flags = {}, set()
     for arg in argv:
         if arg.startswith("--") and "=" in arg:
             continue
@@ -93,6 +97,7 @@ def resolve_config(argv: list[str], base: dict | None = None) -> tuple[TrainConf
                     if key not in defaults:
                         raise ValueError(f"{arg}: unknown config key {key!r}")
                     values[key] = value
+    values.update(base or {})
     for arg in argv:
         if arg.startswith("--") and "=" in arg:
             key, text = arg[2:].split("=", 1)
@@ -195,6 +200,16 @@ def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
     return result
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop log records past the checkpoint's step: a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -211,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             if model_cfg.to_dict() != {k: ckpt["config"][k] for k in MODEL_KEYS}:
                 raise ValueError("model settings cannot change on resume; start a new out_dir instead")
         if "export" not in flags:
+            if not cfg.data_dir:
+                raise ValueError("no training data: pass --data_dir=FOLDER or set data_dir in the TOML file")
             data = RandomCrops(cfg.data_dir, cfg.crop, cfg.flips, seed=cfg.seed, rank=rank)
             val_images = full_images(cfg.val_dir, cfg.val_images) if cfg.val_dir and is_main else []
     except (ValueError, DataError, OSError) as e:
@@ -261,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
               f"starting at step {step}; {'bf16 autocast' if bf16 else 'fp32'}", file=sys.stderr)
     objective = Objective(model)
     net = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    if is_main and ckpt is not None:
+        trim_log(Path(cfg.out_dir) / "log.jsonl", step)
     log = open(Path(cfg.out_dir) / "log.jsonl", "a") if is_main else None
     board = tensorboard_writer(cfg.out_dir) if is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -76,6 +76,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(photo_dir, tmp_path)
     assert log_a[-1]["loss"] == log_b[-1]["loss"]
 
 
+def test_resume_keeps_the_checkpoints_settings_and_drops_log_records_past_it(photo_dir, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={run}", "--kl_warmup=2", "--steps=3", "--log_every=1",
+                     f"--export_dir={tmp_path / 'w'}") == 0
+    with open(run / "log.jsonl", "a") as log:  # a crash after step 3's checkpoint, having logged step 4
+        log.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    assert run_train(f"--out_dir={run}", "--steps=5", "--resume") == 0  # run_train passes tiny.toml again
+    assert json.loads((run / "config.json").read_text())["kl_warmup"] == 2  # not tiny.toml's 10
+    assert torch.load(run / "ckpt.pt", weights_only=True)["config"]["kl_warmup"] == 2
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[3])["loss"] != 0.0
+
+
 def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
     assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'w'}",
                      "--steps=2", "--tag=smoke") == 0
@@ -105,6 +119,12 @@ def test_bad_data_folder_gives_one_clear_error(tmp_path, capsys, make, message):
     assert run_train(f"--data_dir={folder}", f"--out_dir={tmp_path / 'run'}") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error:") and message in err[0]
+
+
+def test_an_empty_data_dir_is_an_error_not_the_current_folder(tmp_path, capsys):
+    assert run_train("--data_dir=", f"--out_dir={tmp_path / 'run'}") == 2
+    assert capsys.readouterr().err.strip() == ("train.py: error: no training data: pass --data_dir=FOLDER "
+                                               "or set data_dir in the TOML file")
 
 
 def test_ddp_with_two_gloo_processes_trains_and_saves_once(photo_dir, tmp_path):
