@@ -112,26 +112,26 @@ def decode(
     indices: torch.Tensor, sizes: torch.Tensor, *, seed: int, level: int, bits: int, steps: int,
     width: int, windows: int, group_steps: torch.Tensor | None = None, decay: float = 1.0
 ) -> torch.Tensor:
-    """Rebuild the float32 sample from the indices: only the chosen pool entries are hashed."""
+    """Rebuild the float32 sample from the indices: only the chosen pool entries are hashed.
+
+    Works per pool block (one chosen row each), in the layout's slot space, and gathers the
+    coded dims out of it once at the end: the same per-dim float ops as the encoder.
+    """
     device = indices.device
     lay = pool.make_layout(sizes, width, device, windows)
     if group_steps is None:
         group_steps = torch.full((lay.n_groups,), steps, dtype=torch.int64, device=device)
-    group_steps = group_steps.to(device)
+    block_steps = group_steps.to(device)[lay.block_group]
     scales = shard_table(steps, decay).to(device)
-    dim_steps = group_steps[lay.dim_group]
-    z = torch.zeros(lay.dim_group.numel(), dtype=torch.float32, device=device)
+    z = torch.zeros(lay.block_group.numel(), width, dtype=torch.float32, device=device)
     for step in range(int(group_steps.max()) if lay.n_groups else 0):
-        scr = pool.scramble(seed, level, step, lay)
-        active = dim_steps > step
-        s = scales[dim_steps - 1, step]
-        if bool(active.all()):
-            x = pool.chosen_values(seed, level, indices[lay.dim_group, step], scr, 1 << bits)
-            z = z + x * s
-        else:  # only the dims of groups still walking are hashed
-            sel = torch.nonzero(active).squeeze(1)
-            sub = pool.Scramble(col=scr.col[sel], sign=scr.sign[sel], block_window=scr.block_window,
-                                block_shift=scr.block_shift, dim_shift=scr.dim_shift[sel])
-            x = pool.chosen_values(seed, level, indices[lay.dim_group[sel], step], sub, 1 << bits)
-            z[sel] = z[sel] + x * s[sel]
-    return z
+        col, sign_bit, _, shift = pool.block_scramble(seed, level, step, lay)
+        active = torch.nonzero(block_steps > step).squeeze(1)
+        if active.numel() < block_steps.numel():  # only blocks of groups still walking
+            col, sign_bit, shift = col[active], sign_bit[active], shift[active]
+        rows = (indices[lay.block_group[active], step] + shift) & ((1 << bits) - 1)
+        x = rng.pool_entries_blocks(seed, level, rows, col, sign_bit)
+        s = scales[block_steps[active] - 1, step]
+        z[active] += x * s[:, None]
+    z = z.view(-1)
+    return z if lay.dim_slot is None else z[lay.dim_slot]

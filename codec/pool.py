@@ -73,8 +73,9 @@ class Scramble:
     dim_shift: torch.Tensor  # (N,) the row shift of each dim's block
 
 
-def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
-    """The hashed column permutation, window and signs of every block at a step."""
+def block_scramble(seed: int, level: int, step: int, lay: Layout):
+    """Per block and slot u < width: pool column (nb, width) and sign bit (nb, width), plus the
+    pool window and row shift of every block (nb,). Slots past a group's last dim are unused."""
     w = lay.width
     n_words = 1 + (w + 63) // 64
     words = rng.scramble_words(seed, level, lay.block_group, step, lay.block_index, n_words)
@@ -84,15 +85,20 @@ def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
     first_w0 = w0[lay.group_first_block] if lay.n_groups else w0[:0]
     window = (rng._srl(first_w0, 24) % lay.n_windows)[lay.block_group]
     block_window = (window + lay.block_index) % lay.n_windows
-    # Per block and slot u < width (broadcast, no per-dim gathers), then the slots in use.
+    # Broadcast over (block, slot): no per-dim gathers.
     u = torch.arange(w, device=w0.device)
     col = (block_window * w)[:, None] + ((mult[:, None] * u + add[:, None]) & (w - 1))
     sign_words = words[:, 1:].repeat_interleave(64, dim=1)[:, :w]
-    sign = 1.0 - 2.0 * ((sign_words >> (u % 64)) & 1).to(torch.float32)
-    col, sign = col.reshape(-1), sign.reshape(-1)
+    sign_bit = (sign_words >> (u % 64)) & 1
+    return col, sign_bit, block_window, lay.block_index // lay.n_windows
+
+
+def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
+    """The hashed column permutation, window and signs of every coded dim at a step."""
+    col, sign_bit, block_window, shift = block_scramble(seed, level, step, lay)
+    col, sign = col.reshape(-1), 1.0 - 2.0 * sign_bit.reshape(-1).to(torch.float32)
     if lay.dim_slot is not None:
         col, sign = col[lay.dim_slot], sign[lay.dim_slot]
-    shift = lay.block_index // lay.n_windows
     return Scramble(col=col, sign=sign, block_window=block_window, block_shift=shift,
                     dim_shift=shift[lay.dim_block])
 

@@ -85,7 +85,7 @@ def _chunks(n: int):
 
 
 def _hash_(x: torch.Tensor, tmp: torch.Tensor, key: int) -> torch.Tensor:
-    x.add_(1).mul_(_signed(GAMMA)).add_(key)
+    x.mul_(_signed(GAMMA)).add_(_signed(key + GAMMA))  # key + (x + 1) * GAMMA mod 2^64
     return mix64_(x, tmp)
 
 
@@ -209,6 +209,34 @@ def pool_entries(seed: int, level: int, rows: torch.Tensor, cols: torch.Tensor) 
     bits = hash64(seed, pool_counters(level, rows, cols >> 1))
     bits = torch.where((cols & 1).bool(), bits >> 32, bits)  # odd columns: high half
     return normal_from_bits(bits)
+
+
+def pool_entries_blocks(seed: int, level: int, rows: torch.Tensor, cols: torch.Tensor,
+                        sign_bits: torch.Tensor) -> torch.Tensor:
+    """pool_entries(rows[:, None], cols) * (1 - 2 * sign_bits), bit for bit, for (nb, w) blocks
+    that each read one pool row: the decoder's hot loop, fused into cache-sized in-place chunks.
+    The sign is applied by flipping the normal's sign bit (an exact negation)."""
+    nb, w = cols.shape
+    key = _signed(seed_key(seed))
+    base = _signed(counter_base(POOL, level))
+    out = torch.empty(nb, w, dtype=torch.float32, device=cols.device)
+    per = max(1, CHUNK // w)
+    n = min(per, nb) * w
+    h, cell, tmp = (torch.empty(n, dtype=torch.int64, device=cols.device) for _ in range(3))
+    lo = torch.empty(n, dtype=torch.float32, device=cols.device)
+    row_bits = (rows.to(torch.int64) << COL_BITS) | base
+    for b0 in range(0, nb, per):
+        b1 = min(nb, b0 + per)
+        m = (b1 - b0) * w
+        hv, tv = h[:m].view(b1 - b0, w), tmp[:m].view(b1 - b0, w)
+        torch.bitwise_right_shift(cols[b0:b1], 1, out=hv).bitwise_or_(row_bits[b0:b1, None])
+        _hash_(h[:m], tmp[:m], key)
+        torch.bitwise_and(cols[b0:b1], 1, out=tv).mul_(32)
+        h[:m].bitwise_right_shift_(tmp[:m])  # odd columns: the high half (as pool_entries)
+        torch.bitwise_left_shift(sign_bits[b0:b1], 31, out=tv)
+        h[:m].bitwise_xor_(tmp[:m])
+        _normal_(h[:m], out[b0:b1].view(-1), cell[:m], tmp[:m], lo[:m])
+    return out
 
 
 def pool_block(seed: int, level: int, row0: int, n_rows: int, n_cols: int, device) -> torch.Tensor:
