@@ -149,8 +149,10 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
 
 
 # Coder parameters in the header. A preset ("thesis", "fast") is sent by name in the `coder`
-# field plus, as a check, its CoderParams.format_bytes(level) for each level (the fields a decoder
-# depends on): b"P" + bytes. Any other parameters are sent in full: b"J" + zlib(JSON).
+# field plus its CoderParams.format_bytes(level) for each level (the fields a decoder depends on,
+# 24 bytes a level): b"P" + bytes. The decoder rebuilds its params from those bytes, so files stay
+# decodable if a preset is retuned or a newer build adds one. Any other parameters are sent in
+# full: b"J" + zlib(JSON).
 _MAX_JSON = 1 << 16
 
 
@@ -161,17 +163,18 @@ def params_to_bytes(coder: str, params: CoderParams, num_levels: int) -> bytes:
 
 
 def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:
-    """The CoderParams a file was written with; RecFormatError if missing, invalid or changed."""
+    """The CoderParams to decode a file with (the full preset when this build's preset of that name
+    matches the file); RecFormatError if missing or invalid."""
     data, tag = header.coder_params[1:], header.coder_params[:1]
     if tag == b"P":
-        if header.coder not in PRESETS:
-            raise RecFormatError("coder", f"unknown coder preset {header.coder!r} (this build has "
-                                 f"{', '.join(PRESETS)})")
-        params = CoderParams.preset(header.coder)
-        if b"".join(params.format_bytes(lv) for lv in range(num_levels, 0, -1)) != data:
-            raise RecFormatError("coder_params", f"the coder preset {header.coder!r} of this build differs "
-                                 "from the one the file was written with")
-        return params
+        try:  # the decoder fields travel in the file: a preset may change without orphaning files
+            decodable = CoderParams.from_format_bytes(data, num_levels)
+        except ValueError as e:
+            raise RecFormatError("coder_params", f"invalid coder parameters ({e})") from None
+        preset = CoderParams.preset(header.coder) if header.coder in PRESETS else None
+        if preset is not None and b"".join(preset.format_bytes(lv) for lv in range(num_levels, 0, -1)) == data:
+            return preset
+        return decodable
     if tag == b"J":
         try:
             d = zlib.decompressobj()

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 SAMPLERS = ("greedy", "importance")
+_FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,38 @@ class CoderParams:
     def format_bytes(self, level: int) -> bytes:
         """The fields a decoder of this level depends on."""
         lp = self.for_level(level)
-        return struct.pack(">BBBHHfHHBd", level, 1 + SAMPLERS.index(lp.sampler), lp.index_bits,
+        return struct.pack(_FORMAT, level, 1 + SAMPLERS.index(lp.sampler), lp.index_bits,
                            lp.steps, lp.max_group_size, self.outlier_range, self.pool_width,
                            self.pool_windows, int(lp.adaptive), lp.shard_decay)
+
+    @classmethod
+    def from_format_bytes(cls, data: bytes, num_levels: int) -> "CoderParams":
+        """Decoder-side params from `format_bytes` of levels num_levels..1, concatenated.
+
+        Encoder-only fields keep their defaults (margin 0): enough to decode any file, even one
+        written by a build whose preset of the same name has since changed. ValueError if the
+        bytes are malformed or inconsistent.
+        """
+        size = struct.calcsize(_FORMAT)
+        if len(data) != size * num_levels:
+            raise ValueError(f"{len(data)} bytes of level parameters for {num_levels} levels")
+        levels, shared = {}, set()
+        for i, level in enumerate(range(num_levels, 0, -1)):
+            (lv, sampler, bits, steps, max_size, outlier_range, pool_width, pool_windows, adaptive,
+             decay) = struct.unpack(_FORMAT, data[i * size : (i + 1) * size])
+            if lv != level or not 1 <= sampler <= len(SAMPLERS) or adaptive > 1:
+                raise ValueError(f"malformed parameters for level {level}")
+            levels[level] = LevelParams(SAMPLERS[sampler - 1], bits, steps, max_size, margin_nats=0.0,
+                                        adaptive=bool(adaptive), shard_decay=decay)
+            shared.add((outlier_range, pool_width, pool_windows))
+        if len(shared) != 1 or not math.isfinite(outlier_range) or outlier_range <= 0:
+            raise ValueError("inconsistent shared coder parameters")
+        default = cls()
+        params = cls(level1=levels.get(1, default.level1), level2=levels.get(2, default.level2),
+                     outlier_range=outlier_range, pool_width=pool_width, pool_windows=pool_windows)
+        if b"".join(params.format_bytes(lv) for lv in range(num_levels, 0, -1)) != data:
+            raise ValueError("level parameters do not round-trip")
+        return params
 
     def to_dict(self) -> dict:
         return asdict(self)
