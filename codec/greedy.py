@@ -125,13 +125,19 @@ def decode(
     scales = shard_table(steps, decay).to(device)
     z = torch.zeros(lay.block_group.numel(), width, dtype=torch.float32, device=device)
     for step in range(int(group_steps.max()) if lay.n_groups else 0):
-        col, sign_bit, _, shift = pool.block_scramble(seed, level, step, lay)
+        col, sign_bit, window, shift = pool.block_scramble(seed, level, step, lay)
         active = torch.nonzero(block_steps > step).squeeze(1)
-        if active.numel() < block_steps.numel():  # only blocks of groups still walking
-            col, sign_bit, shift = col[active], sign_bit[active], shift[active]
+        everyone = active.numel() == block_steps.numel()
+        if not everyone:  # only blocks of groups still walking
+            col, sign_bit, window, shift = col[active], sign_bit[active], window[active], shift[active]
         rows = (indices[lay.block_group[active], step] + shift) & ((1 << bits) - 1)
-        x = rng.pool_entries_blocks(seed, level, rows, col, sign_bit)
-        s = scales[block_steps[active] - 1, step]
-        z[active] += x * s[:, None]
+        # A block reads all `width` columns of its window in its chosen row (one hash per two).
+        x = rng.pool_windows(seed, level, rows, window, width).gather(1, col & (width - 1))
+        x.mul_(1 - 2 * sign_bit.to(torch.float32))
+        x.mul_(scales[block_steps[active] - 1, step][:, None])  # z + x * s: two roundings, as encoded
+        if everyone:
+            z.add_(x)
+        else:
+            z[active] += x
     z = z.view(-1)
     return z if lay.dim_slot is None else z[lay.dim_slot]

@@ -115,8 +115,9 @@ def _build_tables() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _CENTRAL, _TAIL = _build_tables()
-# hi - lo of each cell, rounded to float32 once: the same value the subtraction gives at run time
-_DIFF = _CENTRAL[torch.arange(1, 65537).clamp(max=65535)] - _CENTRAL
+# hi - lo of each cell, rounded to float32 once (the value the subtraction gives at run time),
+# pre-scaled by 2^-15: exact, so (diff * 2^-15) * f rounds like diff * (f * 2^-15).
+_DIFF = (_CENTRAL[torch.arange(1, 65537).clamp(max=65535)] - _CENTRAL) * 2.0**-15
 _TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
@@ -132,9 +133,9 @@ def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: tor
     central, tail, diff = _tables(bits.device)
     torch.bitwise_right_shift(bits, 15, out=cell).bitwise_and_(0xFFFF)
     torch.index_select(central, 0, cell, out=lo)
-    torch.index_select(diff, 0, cell, out=out)  # hi - lo
-    out.mul_(torch.bitwise_and(bits, 0x7FFF, out=tmp).to(torch.float32) * 2.0**-15)
-    out.add_(lo)  # lo + (hi - lo) * frac as three separately rounded ops: same on every device
+    torch.index_select(diff, 0, cell, out=out)  # (hi - lo) * 2^-15
+    out.mul_(torch.bitwise_and(bits, 0x7FFF, out=tmp))  # times the 15-bit fraction (exact in fp32)
+    out.add_(lo)  # lo + (hi - lo) * frac as separately rounded ops: the same on every device
     in_tail = cell == 65535
     if bool(in_tail.any()):
         out[in_tail] = tail[tmp[in_tail]]
@@ -211,32 +212,15 @@ def pool_entries(seed: int, level: int, rows: torch.Tensor, cols: torch.Tensor) 
     return normal_from_bits(bits)
 
 
-def pool_entries_blocks(seed: int, level: int, rows: torch.Tensor, cols: torch.Tensor,
-                        sign_bits: torch.Tensor) -> torch.Tensor:
-    """pool_entries(rows[:, None], cols) * (1 - 2 * sign_bits), bit for bit, for (nb, w) blocks
-    that each read one pool row: the decoder's hot loop, fused into cache-sized in-place chunks.
-    The sign is applied by flipping the normal's sign bit (an exact negation)."""
-    nb, w = cols.shape
-    key = _signed(seed_key(seed))
-    base = _signed(counter_base(POOL, level))
-    out = torch.empty(nb, w, dtype=torch.float32, device=cols.device)
-    per = max(1, CHUNK // w)
-    n = min(per, nb) * w
-    h, cell, tmp = (torch.empty(n, dtype=torch.int64, device=cols.device) for _ in range(3))
-    lo = torch.empty(n, dtype=torch.float32, device=cols.device)
-    row_bits = (rows.to(torch.int64) << COL_BITS) | base
-    for b0 in range(0, nb, per):
-        b1 = min(nb, b0 + per)
-        m = (b1 - b0) * w
-        hv, tv = h[:m].view(b1 - b0, w), tmp[:m].view(b1 - b0, w)
-        torch.bitwise_right_shift(cols[b0:b1], 1, out=hv).bitwise_or_(row_bits[b0:b1, None])
-        _hash_(h[:m], tmp[:m], key)
-        torch.bitwise_and(cols[b0:b1], 1, out=tv).mul_(32)
-        h[:m].bitwise_right_shift_(tmp[:m])  # odd columns: the high half (as pool_entries)
-        torch.bitwise_left_shift(sign_bits[b0:b1], 31, out=tv)
-        h[:m].bitwise_xor_(tmp[:m])
-        _normal_(h[:m], out[b0:b1].view(-1), cell[:m], tmp[:m], lo[:m])
-    return out
+def pool_windows(seed: int, level: int, rows: torch.Tensor, windows: torch.Tensor,
+                 width: int) -> torch.Tensor:
+    """(nb, width) float32: pool row rows[b], columns windows[b] * width ... + width - 1.
+
+    Equal to pool_entries entry by entry, with one hash per two columns (as pool_block): the
+    decoder's hot loop, where every block reads a whole window of one chosen row."""
+    half = width // 2
+    pairs = (windows.to(torch.int64) * half)[:, None] + torch.arange(half, device=rows.device)
+    return normal_pairs(seed, pool_counters(level, rows[:, None], pairs)).view(-1, width)
 
 
 def pool_block(seed: int, level: int, row0: int, n_rows: int, n_cols: int, device) -> torch.Tensor:

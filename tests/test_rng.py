@@ -51,15 +51,14 @@ def test_candidate_generated_alone_equals_row_of_batch():
 
 
 @pytest.mark.parametrize("chunk", [64, 1 << 15])
-def test_block_decoder_path_equals_random_access_with_signs(monkeypatch, chunk):
+def test_whole_window_reads_equal_random_access(monkeypatch, chunk):
     monkeypatch.setattr(rng, "CHUNK", chunk)
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 1 << 14, (37,), generator=gen)
-    cols = torch.randint(0, 1024, (37, 16), generator=gen)
-    sign_bits = torch.randint(0, 2, (37, 16), generator=gen)
-    fused = rng.pool_entries_blocks(5, 1, rows, cols, sign_bits)
-    alone = rng.pool_entries(5, 1, rows[:, None].expand_as(cols), cols) * (1.0 - 2.0 * sign_bits)
-    assert torch.equal(fused, alone) and torch.equal(torch.signbit(fused), torch.signbit(alone))
+    windows = torch.randint(0, 8, (37,), generator=gen)
+    cols = windows[:, None] * 16 + torch.arange(16)
+    block = rng.pool_windows(5, 1, rows, windows, 16)
+    assert torch.equal(block, rng.pool_entries(5, 1, rows[:, None].expand_as(cols), cols))
 
 
 def test_values_do_not_depend_on_chunk_size(monkeypatch):
