@@ -13,6 +13,7 @@ Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), al
 import json
 import math
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -200,6 +201,24 @@ def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
     return result
 
 
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C kills)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def trim_log(path: Path, step: int) -> None:
     """Drop log records past the checkpoint's step: a resumed run logs those steps again."""
     if not path.exists():
@@ -285,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     start = last_ckpt = time.time()
     bad_steps = 0
+    stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True)
     model.train()
     while step < cfg.steps:
@@ -299,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             bad_steps += 1
             if bad_steps >= cfg.max_bad_steps:
                 print(f"train.py: error: {bad_steps} non-finite losses in a row at step {step}", file=sys.stderr)
+                stop.restore()
                 return 1
             step += 1  # skip this batch; the weights are untouched
             continue
@@ -325,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key != "step":
                         board.add_scalar(key, value, step)
         out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
+        out_of_time |= stop.signal is not None
         if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
             save_checkpoint(ckpt_path, model, optimizer, step, config, best_val)
             last_ckpt = time.time()
@@ -338,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported {path}", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
+    stop.restore()
+    if stop.signal is not None:
+        if is_main:
+            print(f"train.py: stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved "
+                  f"to {ckpt_path} (continue with --resume)", file=sys.stderr)
+        return 128 + stop.signal
     return 0
 
 

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,25 @@ def test_an_empty_data_dir_is_an_error_not_the_current_folder(tmp_path, capsys):
     assert run_train("--data_dir=", f"--out_dir={tmp_path / 'run'}") == 2
     assert capsys.readouterr().err.strip() == ("train.py: error: no training data: pass --data_dir=FOLDER "
                                                "or set data_dir in the TOML file")
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(photo_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), str(TINY), f"--data_dir={photo_dir}", f"--out_dir={run}",
+           "--steps=1000000", "--log_every=1", "--amp=none", "--threads=1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == step
+    assert err.strip().splitlines()[-1] == (f"train.py: stopped by SIGTERM at step {step}; checkpoint saved to "
+                                            f"{run / 'ckpt.pt'} (continue with --resume)")
 
 
 def test_ddp_with_two_gloo_processes_trains_and_saves_once(photo_dir, tmp_path):
