@@ -137,7 +137,9 @@ def test_all_zero_kl_round_trips_in_a_few_bytes():
         for level in (1, 2):
             z, data, st = roundtrip(p_loc, p_scale, p_loc, p_scale, level, params)
             assert st["kl_bits"] == 0 and st["n_outliers"] == 0
-            assert len(data) <= 40 and st["n_zero_dims"] == p_loc.numel()  # one zero run
+            assert len(data) <= 40  # one zero run, or (no zero runs) groups of 0-bit indices
+            assert st["n_zero_dims"] == (p_loc.numel() if params.for_level(level).zero_run else 0)
+            assert st["index_bits"] == 0
             r = residuals(z, p_loc, p_scale)  # a prior sample from the shared stream
             assert abs(r.mean()) < 0.1 and 0.85 < r.var() < 1.15
 
