@@ -13,6 +13,7 @@ Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), al
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -163,12 +164,14 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * cfg.lr_decay_rate ** (step / max(1, cfg.lr_decay_steps))
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, best_val: float) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, best_val: float,
+                    provenance: dict) -> None:
     """Atomic: write a temporary file, then rename over the old checkpoint, which is kept as
     ckpt_prev.pt (a way back if a run diverged just before a save)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"format": "rec-ckpt/1", "config": config, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "best_val": best_val}, tmp)
+                "optimizer": optimizer.state_dict(), "step": step, "best_val": best_val,
+                "provenance": provenance}, tmp)
     if path.exists():
         os.replace(path, path.with_name("ckpt_prev.pt"))
     os.replace(tmp, path)
@@ -199,6 +202,46 @@ def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
     if msssim:
         result["val_ms_ssim"] = sum(msssim) / len(msssim)
     return result
+
+
+def hardware(device: torch.device, world: int, bf16: bool) -> str:
+    """What a segment of training ran on, for the exported model's record."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name += f" ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
+    return f"{world} x {name}, {'bf16 autocast' if bf16 else 'fp32'}, torch {torch.__version__}"
+
+
+FINAL_TERMS = ("loss", "nll", "kl_bpp", "kl1_bpp", "kl2_bpp", "psnr", "gamma")
+
+
+def training_record(out_dir: str, step: int, provenance: dict) -> dict:
+    """Steps, wall time, hardware and final loss terms of a run, stored in its exported model.
+
+    Segments (one per process run: steps, minutes, hardware) come from the checkpoint; runs
+    checkpointed before they were recorded fall back to the log's clock, which restarts at 0 on
+    every resume. Final terms are means over the last 50 logged steps (noisy single batches)."""
+    path = Path(out_dir) / "log.jsonl"
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r and r["step"] <= step] \
+        if path.exists() else []
+    segments = list(provenance.get("segments", []))
+    early = [r for r in records if not segments or r["step"] <= segments[0]["steps"][0]]
+    if early:  # steps from before segments were recorded
+        bounds = [0] + [i for i in range(1, len(early)) if early[i]["time"] < early[i - 1]["time"]]
+        segments[:0] = [{"steps": [early[a]["step"], early[b - 1]["step"]],
+                         "minutes": round(early[b - 1]["time"] / 60, 1), "hardware": None}
+                        for a, b in zip(bounds, bounds[1:] + [len(early)])]
+    last = records[-50:]
+    final = {k: round(sum(r[k] for r in last) / len(last), 5) for k in FINAL_TERMS if last and k in last[0]}
+    return {"steps": step, "minutes": round(sum(seg["minutes"] for seg in segments), 1),
+            "segments": segments, "init": provenance.get("init"), "final_terms": final}
 
 
 class StopSignal:
@@ -270,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                                   {"params": gamma_params, "lr_scale": cfg.gamma_lr / cfg.lr if cfg.gamma_lr else 1.0}],
                                  lr=cfg.lr)
     step, best_val = 0, float("inf")
+    provenance = dict(ckpt.get("provenance", {})) if ckpt is not None else {}
     if cfg.init_from and ckpt is None:
         try:
             blob = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
             model.load_state_dict(blob["model"] if "model" in blob else blob["state_dict"])
+            provenance["init"] = {"from": cfg.init_from, "step": blob.get("step", blob.get("meta", {}).get("step"))}
         except (OSError, KeyError, RuntimeError) as e:
             print(f"train.py: error: cannot initialise from {cfg.init_from}: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
@@ -283,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         step, best_val = ckpt["step"], ckpt["best_val"]
     tag = cfg.tag or Path(cfg.out_dir).name
     if "export" in flags:
-        path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype), meta={"step": step})
+        path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
+                          meta={"step": step, "training": training_record(cfg.out_dir, step, provenance)})
         print(path)
         return 0
 
@@ -304,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     start = last_ckpt = time.time()
     bad_steps = 0
+    provenance["segments"] = list(provenance.get("segments", [])) + [
+        {"steps": [step, step], "minutes": 0.0, "hardware": hardware(device, world, bf16)}]
     stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True)
     model.train()
@@ -347,16 +395,19 @@ def main(argv: list[str] | None = None) -> int:
                         board.add_scalar(key, value, step)
         out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
         out_of_time |= stop.signal is not None
+        provenance["segments"][-1].update(steps=[provenance["segments"][-1]["steps"][0], step],
+                                          minutes=round((time.time() - start) / 60, 2))
         if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
-            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val)
+            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
             last_ckpt = time.time()
         if out_of_time:
             break
     bar.close()
     if is_main:
-        save_checkpoint(ckpt_path, model, optimizer, step, config, best_val)
+        save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
         if step >= cfg.steps:
-            path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype), meta={"step": step})
+            path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
+                              meta={"step": step, "training": training_record(cfg.out_dir, step, provenance)})
             print(f"exported {path}", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()

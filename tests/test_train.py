@@ -89,7 +89,19 @@ def test_resume_keeps_the_checkpoints_settings_and_drops_log_records_past_it(pho
     assert torch.load(run / "ckpt.pt", weights_only=True)["config"]["kl_warmup"] == 2
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+    segments = torch.load(run / "ckpt.pt", weights_only=True)["provenance"]["segments"]
+    assert [seg["steps"] for seg in segments] == [[0, 3], [3, 5]]
     assert json.loads((run / "log.jsonl").read_text().splitlines()[3])["loss"] != 0.0
+
+
+def test_training_record_of_a_run_without_segments_reads_the_logs_clock_restarts(tmp_path):
+    terms = {k: 1.0 for k in train.FINAL_TERMS}
+    lines = [{"step": 10, "time": 6.0}, {"step": 20, "time": 12.0}, {"step": 30, "time": 3.0},
+             {"step": 40, "time": 9.0}, {"step": 50, "time": 99.0}]  # step 50: past the checkpoint
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({**r, **terms}) + "\n" for r in lines))
+    record = train.training_record(str(tmp_path), 40, {})
+    assert [seg["steps"] for seg in record["segments"]] == [[10, 20], [30, 40]]
+    assert record["minutes"] == 0.3 and record["final_terms"]["psnr"] == 1.0
 
 
 def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
@@ -98,6 +110,10 @@ def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
     (path,) = (tmp_path / "w").glob("pln-smoke-*.pt")
     blob = torch.load(path, weights_only=True)
     assert blob["config"]["channels"] == 16 and blob["meta"]["step"] == 2
+    record = blob["meta"]["training"]
+    assert record["steps"] == 2 and [seg["steps"] for seg in record["segments"]] == [[0, 2]]
+    assert "fp32, torch" in record["segments"][0]["hardware"] and record["init"] is None
+    assert set(record["final_terms"]) == set(train.FINAL_TERMS)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["crop"] == 64 and config["arch"] == "pln"
 
@@ -184,4 +200,5 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(photo_dir, tmp_pat
                      f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", "--beta=1.0") == 0
     tuned = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert tuned["step"] == 0 and all(torch.equal(base["model"][k], tuned["model"][k]) for k in base["model"])
+    assert tuned["provenance"]["init"] == {"from": str(tmp_path / "base" / "ckpt.pt"), "step": 2}
     assert run_train(*common, f"--out_dir={tmp_path / 'bad'}", f"--init_from={tmp_path / 'nope.pt'}") == 2
