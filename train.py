@@ -222,7 +222,7 @@ def hardware(device: torch.device, world: int, bf16: bool) -> str:
 FINAL_TERMS = ("loss", "nll", "kl_bpp", "kl1_bpp", "kl2_bpp", "psnr", "gamma")
 
 
-def training_record(out_dir: str, step: int, provenance: dict) -> dict:
+def training_record(out_dir: str, step: int, provenance: dict, init_from: str = "") -> dict:
     """Steps, wall time, hardware and final loss terms of a run, stored in its exported model.
 
     Segments (one per process run: steps, minutes, hardware) come from the checkpoint; runs
@@ -241,7 +241,8 @@ def training_record(out_dir: str, step: int, provenance: dict) -> dict:
     last = records[-50:]
     final = {k: round(sum(r[k] for r in last) / len(last), 5) for k in FINAL_TERMS if last and k in last[0]}
     return {"steps": step, "minutes": round(sum(seg["minutes"] for seg in segments), 1),
-            "segments": segments, "init": provenance.get("init"), "final_terms": final}
+            "segments": segments, "final_terms": final,
+            "init": provenance.get("init") or ({"from": init_from, "step": None} if init_from else None)}
 
 
 class StopSignal:
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = cfg.tag or Path(cfg.out_dir).name
     if "export" in flags:
         path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
-                          meta={"step": step, "training": training_record(cfg.out_dir, step, provenance)})
+                          meta={"step": step, "training": training_record(cfg.out_dir, step, provenance, cfg.init_from)})
         print(path)
         return 0
 
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
         if step >= cfg.steps:
             path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
-                              meta={"step": step, "training": training_record(cfg.out_dir, step, provenance)})
+                              meta={"step": step, "training": training_record(cfg.out_dir, step, provenance, cfg.init_from)})
             print(f"exported {path}", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
