@@ -245,6 +245,12 @@ def training_record(out_dir: str, step: int, provenance: dict, init_from: str = 
             "init": provenance.get("init") or ({"from": init_from, "step": None} if init_from else None)}
 
 
+def export(model, cfg: TrainConfig, tag: str, step: int, provenance: dict) -> Path:
+    record = training_record(cfg.out_dir, step, provenance, cfg.init_from)
+    return save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
+                      meta={"step": step, "training": record})
+
+
 class StopSignal:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C kills)."""
 
@@ -257,6 +263,16 @@ class StopSignal:
             self.restore()
             raise KeyboardInterrupt
         self.signal = signum
+
+    def requested(self, world: int, device: torch.device) -> bool:
+        """Whether to stop now; under DDP every rank agrees (one may have been signalled a step later)."""
+        if world == 1:
+            return self.signal is not None
+        flag = torch.tensor([self.signal or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal is None:
+            self.signal = int(flag.item())
+        return bool(flag.item())
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -329,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         step, best_val = ckpt["step"], ckpt["best_val"]
     tag = cfg.tag or Path(cfg.out_dir).name
     if "export" in flags:
-        path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
-                          meta={"step": step, "training": training_record(cfg.out_dir, step, provenance, cfg.init_from)})
-        print(path)
+        print(export(model, cfg, tag, step, provenance))
         return 0
 
     bf16 = use_bf16(cfg.amp, device)
@@ -395,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key != "step":
                         board.add_scalar(key, value, step)
         out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
-        out_of_time |= stop.signal is not None
+        out_of_time |= stop.requested(world, device)
         provenance["segments"][-1].update(steps=[provenance["segments"][-1]["steps"][0], step],
                                           minutes=round((time.time() - start) / 60, 2))
         if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
@@ -407,9 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
         if step >= cfg.steps:
-            path = save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
-                              meta={"step": step, "training": training_record(cfg.out_dir, step, provenance, cfg.init_from)})
-            print(f"exported {path}", file=sys.stderr)
+            print(f"exported {export(model, cfg, tag, step, provenance)}", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
     stop.restore()
