@@ -1,0 +1,113 @@
+"""Golden files: bytes written by an earlier build must keep decoding to the same latents and pixels.
+
+tests/expected/coder_v2.npz holds, per (preset, level), synthetic float32 q and p, the level bytes the
+encoder wrote and the sample they decode to. tests/expected/golden.rec was written with the `thesis`
+preset by the tiny PLN in tests/expected/pln-golden-*.pt; golden.png is what it decoded to.
+
+A failing *decode* test means old files would no longer decode: a bug, or a change that needs a new
+format or RNG version. A failing *encode* test with passing decode tests means the encoder now writes
+different (still decodable) bytes; if intended, regenerate: `python tests/test_golden.py --regenerate`.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codec import CoderParams, decode_level, encode_level
+from codec.api import ModelRef, ModelStore, compress_image, decompress
+from codec.image import load_rgb, save_png
+from models import ModelConfig, build_model, save_model
+
+EXPECTED = Path(__file__).resolve().parent / "expected"
+CODER_FILE = EXPECTED / "coder_v2.npz"
+CASES = [("thesis", 1), ("thesis", 2), ("fast", 1), ("fast", 2)]
+SHAPES = {1: (1, 8, 8, 12), 2: (1, 4, 4, 6)}
+SEED = 7
+
+
+def synthetic(level: int) -> dict[str, np.ndarray]:
+    """q and p with KLs from 0 to ~33 bits a dim (regeneration only: the arrays are stored)."""
+    i = np.arange(np.prod(SHAPES[level]), dtype=np.float64).reshape(SHAPES[level])
+    p_loc = 0.3 * np.sin(i)
+    p_scale = 0.5 + 0.4 * np.cos(i) ** 2
+    q_loc = p_loc + p_scale * 1.5 * np.sin(0.7 * i)
+    q_scale = p_scale * (0.002 + 0.9 * np.abs(np.cos(1.3 * i)) ** 3)
+    q_scale[i % 41 == 0] *= 1e-7  # a few 23-33-bit dims: outliers
+    q_loc[i % 7 == 3] = p_loc[i % 7 == 3]  # and some dims with q = p (KL 0 where q_scale = p_scale)
+    return {k: v.astype(np.float32) for k, v in
+            dict(q_loc=q_loc, q_scale=q_scale, p_loc=p_loc, p_scale=p_scale).items()}
+
+
+def image() -> np.ndarray:
+    yy, xx = np.mgrid[0:24, 0:40]
+    img = np.stack([128 + 100 * np.sin(xx / 5.0), 128 + 90 * np.cos(yy / 4.0), (xx * yy) % 256], -1)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def tensors(arrays: dict, prefix: str) -> list[torch.Tensor]:
+    return [torch.from_numpy(arrays[f"{prefix}{k}"]) for k in ("q_loc", "q_scale", "p_loc", "p_scale")]
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return dict(np.load(CODER_FILE))
+
+
+@pytest.mark.parametrize("preset,level", CASES)
+def test_golden_level_bytes_decode_to_the_same_sample(golden, preset, level):
+    prefix = f"{preset}-{level}-"
+    _, _, p_loc, p_scale = tensors(golden, prefix)
+    sample = decode_level(p_loc, p_scale, golden[prefix + "bytes"].tobytes(), seed=SEED, level=level,
+                          params=CoderParams.preset(preset))
+    assert np.array_equal(sample.numpy().view(np.uint32), golden[prefix + "sample"].view(np.uint32)), (
+        "files written by an earlier build decode differently: bump the format or RNG version")
+
+
+@pytest.mark.parametrize("preset,level", CASES)
+def test_encoder_still_writes_the_golden_bytes(golden, preset, level):
+    prefix = f"{preset}-{level}-"
+    _, data = encode_level(*tensors(golden, prefix), seed=SEED, level=level, params=CoderParams.preset(preset))
+    assert data == golden[prefix + "bytes"].tobytes(), (
+        "the encoder writes different bytes; if intended: python tests/test_golden.py --regenerate")
+
+
+def test_golden_rec_file_decodes_to_the_same_pixels():
+    decoded, header = decompress((EXPECTED / "golden.rec").read_bytes(), ModelStore(dirs=[EXPECTED]))
+    expected = load_rgb(EXPECTED / "golden.png")
+    assert header.coder == "thesis" and decoded.shape == expected.shape
+    # The coder's latents are exact; the synthesis network may round differently on another CPU/BLAS.
+    diff = np.abs(decoded.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def regenerate() -> None:
+    arrays = {}
+    for preset, level in CASES:
+        prefix = f"{preset}-{level}-"
+        syn = synthetic(level)
+        arrays.update({prefix + k: v for k, v in syn.items()})
+        sample, data = encode_level(*tensors(arrays, prefix), seed=SEED, level=level,
+                                    params=CoderParams.preset(preset))
+        arrays[prefix + "bytes"] = np.frombuffer(data, dtype=np.uint8)
+        arrays[prefix + "sample"] = sample.numpy()
+    np.savez_compressed(CODER_FILE, **arrays)
+    for old in EXPECTED.glob("pln-golden-*.pt"):
+        old.unlink()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4,
+                                    log_scale_min=-4.0))
+    path = save_model(model, EXPECTED, "golden", torch.float16)
+    model = ModelStore(dirs=[EXPECTED]).load(path)[0]
+    data, x_hat, _ = compress_image(model, image(), model_ref=ModelRef.of_file(path), seed=SEED, params="thesis")
+    (EXPECTED / "golden.rec").write_bytes(data)
+    save_png(x_hat, EXPECTED / "golden.png")
+    print(f"wrote {CODER_FILE}, {path.name}, golden.rec ({len(data)} bytes), golden.png")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit("usage: python tests/test_golden.py --regenerate")
+    regenerate()
