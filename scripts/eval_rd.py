@@ -197,8 +197,14 @@ def _curve(rows: dict[str, dict[str, float]], order: list[int], per_model: list)
 
 
 def default_name(names: list[str], coder: str) -> str:
-    prefix = os.path.commonprefix(names).rstrip("-_.") if len(names) > 1 else names[0]
-    return f"{prefix or names[0]} (REC {coder})"
+    """The models' common name, cut at a whole `-`/`_`/`.` token: pln-cpu-b4-…, pln-cpu-b1.5-… -> pln-cpu."""
+    prefix = names[0]
+    if len(names) > 1:
+        prefix = os.path.commonprefix(names)
+        if any(len(n) > len(prefix) and n[len(prefix)] not in "-_." for n in names):
+            prefix = prefix[: max(prefix.rfind(c) for c in "-_.") + 1] if any(c in prefix for c in "-_.") else ""
+        prefix = prefix.rstrip("-_.")
+    return f"{prefix or ' + '.join(names)} (REC {coder})"
 
 
 def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: float) -> dict:

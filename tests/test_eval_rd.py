@@ -198,3 +198,13 @@ def test_bad_input_is_one_stderr_line_and_exit_2(tmp_path, capsys, data, weights
     lines = [line for line in err.splitlines() if "FutureWarning" not in line and "warnings.warn" not in line]
     assert len(lines) == 1 and lines[0].startswith("eval_rd.py: error: ") and message in lines[0], err
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["pln-cpu-b4-2c1e6bc5", "pln-cpu-b1.5-882fd781"], "pln-cpu (REC thesis)"),
+    (["pln-a1", "pln-a2"], "pln (REC thesis)"),
+    (["abc", "abd"], "abc + abd (REC thesis)"),
+    (["pln-x"], "pln-x (REC thesis)"),
+])
+def test_default_curve_name_is_the_models_common_name_cut_at_a_whole_token(names, expected):
+    assert eval_rd.default_name(names, "thesis") == expected
