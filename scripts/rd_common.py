@@ -245,13 +245,19 @@ def _log(x) -> np.ndarray:
         return np.log(np.asarray(x, dtype=np.float64))
 
 
-def _bd(x_ref, y_ref, x_test, y_test, method: str) -> tuple[float, list[float]]:
+# Shortest overlap a BD number is averaged over: a sliver (two curves touching at one end) gives a
+# number of any size that means nothing.
+MIN_OVERLAP_DB = 0.5  # BD-rate: quality interval, dB
+MIN_OVERLAP_LOG_RATE = math.log(1.1)  # BD-quality: rate interval, 10 %
+
+
+def _bd(x_ref, y_ref, x_test, y_test, method: str, min_overlap: float) -> tuple[float, list[float]]:
     (xr, yr), (xt, yt) = _clean(x_ref, y_ref), _clean(x_test, y_test)
     need = 4 if method == "cubic" else 2
     if len(xr) < need or len(xt) < need:
         return math.nan, [math.nan, math.nan]
     lo, hi = max(xr.min(), xt.min()), min(xr.max(), xt.max())
-    if not hi > lo:  # the curves do not overlap
+    if not hi - lo >= min_overlap:  # the curves do not overlap, or barely
         return math.nan, [float(lo), float(hi)]
     diff = _avg_integral(xt, yt, lo, hi, method) - _avg_integral(xr, yr, lo, hi, method)
     return diff, [float(lo), float(hi)]
@@ -271,16 +277,17 @@ def bd_rate(
     cubic Hermite interpolation (pchip, as the common BD-rate implementations; 'cubic' =
     the VCEG-M33 polynomial fit) and averaged over the overlapping quality interval;
     BD-rate = exp(mean log-rate difference) − 1.
-    NaN when the curves do not overlap or have too few points.
+    NaN when the curves overlap by less than MIN_OVERLAP_DB or have too few points.
     """
-    diff, interval = _bd(ref_dist, _log(ref_rate), test_dist, _log(test_rate), method)
+    diff, interval = _bd(ref_dist, _log(ref_rate), test_dist, _log(test_rate), method, MIN_OVERLAP_DB)
     pct = (math.exp(diff) - 1.0) * 100.0 if math.isfinite(diff) else math.nan
     return (pct, interval) if return_interval else pct
 
 
 def bd_psnr(ref_rate, ref_dist, test_rate, test_dist, method: str = "pchip") -> float:
-    """Bjøntegaard delta quality: dB gained at equal rate (pchip in log-rate)."""
-    diff, _ = _bd(_log(ref_rate), ref_dist, _log(test_rate), test_dist, method)
+    """Bjøntegaard delta quality: dB gained at equal rate (pchip in log-rate); NaN when the rate
+    ranges overlap by less than 10 %."""
+    diff, _ = _bd(_log(ref_rate), ref_dist, _log(test_rate), test_dist, method, MIN_OVERLAP_LOG_RATE)
     return diff
 
 

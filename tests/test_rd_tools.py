@@ -68,6 +68,14 @@ def test_bd_rate_ignores_point_order_and_is_nan_without_overlap():
     assert math.isnan(bd_rate(RATE, DIST, RATE, DIST + 100))
 
 
+def test_bd_numbers_need_more_than_a_sliver_of_overlap():
+    top = DIST.max()
+    touching = DIST - DIST.min() + top - 0.1  # overlaps the reference by 0.1 dB only
+    assert math.isnan(bd_rate(RATE, DIST, RATE, touching))
+    assert not math.isnan(bd_rate(RATE, DIST, RATE, DIST - DIST.min() + top - 0.6))
+    assert math.isnan(bd_psnr(RATE, DIST, RATE / RATE.min() * RATE.max() / 1.05, DIST))  # rates overlap 5 %
+
+
 def test_bd_table_includes_ideal_curves_against_reference():
     ref = {
         "name": "ref",
