@@ -158,7 +158,7 @@ _MAX_JSON = 1 << 16
 
 def params_to_bytes(coder: str, params: CoderParams, num_levels: int) -> bytes:
     if coder in PRESETS:
-        return b"P" + b"".join(params.format_bytes(lv) for lv in range(num_levels, 0, -1))
+        return b"P" + params.levels_format_bytes(num_levels)
     return b"J" + zlib.compress(params.to_bytes(), 9)
 
 
@@ -172,7 +172,7 @@ def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:
         except ValueError as e:
             raise RecFormatError("coder_params", f"invalid coder parameters ({e})") from None
         preset = CoderParams.preset(header.coder) if header.coder in PRESETS else None
-        if preset is not None and b"".join(preset.format_bytes(lv) for lv in range(num_levels, 0, -1)) == data:
+        if preset is not None and preset.levels_format_bytes(num_levels) == data:
             return preset
         return decodable
     if tag == b"J":

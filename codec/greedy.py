@@ -125,14 +125,14 @@ def decode(
     scales = shard_table(steps, decay).to(device)
     z = torch.zeros(lay.block_group.numel(), width, dtype=torch.float32, device=device)
     for step in range(int(group_steps.max()) if lay.n_groups else 0):
-        col, sign_bit, window, shift = pool.block_scramble(seed, level, step, lay)
+        local, sign_bit, window, shift = pool.block_scramble(seed, level, step, lay)
         active = torch.nonzero(block_steps > step).squeeze(1)
         everyone = active.numel() == block_steps.numel()
         if not everyone:  # only blocks of groups still walking
-            col, sign_bit, window, shift = col[active], sign_bit[active], window[active], shift[active]
+            local, sign_bit, window, shift = local[active], sign_bit[active], window[active], shift[active]
         rows = (indices[lay.block_group[active], step] + shift) & ((1 << bits) - 1)
         # A block reads all `width` columns of its window in its chosen row (one hash per two).
-        x = rng.pool_windows(seed, level, rows, window, width).gather(1, col & (width - 1))
+        x = rng.pool_windows(seed, level, rows, window, width).gather(1, local)
         x.mul_(1 - 2 * sign_bit.to(torch.float32))
         x.mul_(scales[block_steps[active] - 1, step][:, None])  # z + x * s: two roundings, as encoded
         if everyone:

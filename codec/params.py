@@ -133,6 +133,10 @@ class CoderParams:
                            lp.steps, lp.max_group_size, self.outlier_range, self.pool_width,
                            self.pool_windows, int(lp.adaptive), lp.shard_decay)
 
+    def levels_format_bytes(self, num_levels: int) -> bytes:
+        """format_bytes of levels num_levels..1 (top first), concatenated: what a header carries."""
+        return b"".join(self.format_bytes(lv) for lv in range(num_levels, 0, -1))
+
     @classmethod
     def from_format_bytes(cls, data: bytes, num_levels: int) -> "CoderParams":
         """Decoder-side params from `format_bytes` of levels num_levels..1, concatenated.
@@ -158,7 +162,7 @@ class CoderParams:
         default = cls()
         params = cls(level1=levels.get(1, default.level1), level2=levels.get(2, default.level2),
                      outlier_range=outlier_range, pool_width=pool_width, pool_windows=pool_windows)
-        if b"".join(params.format_bytes(lv) for lv in range(num_levels, 0, -1)) != data:
+        if params.levels_format_bytes(num_levels) != data:
             raise ValueError("level parameters do not round-trip")
         return params
 

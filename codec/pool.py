@@ -74,8 +74,9 @@ class Scramble:
 
 
 def block_scramble(seed: int, level: int, step: int, lay: Layout):
-    """Per block and slot u < width: pool column (nb, width) and sign bit (nb, width), plus the
-    pool window and row shift of every block (nb,). Slots past a group's last dim are unused."""
+    """Per block and slot u < width: column inside the block's pool window (nb, width) and sign
+    bit (nb, width), plus the pool window and row shift of every block (nb,). Slots past a group's
+    last dim are unused."""
     w = lay.width
     n_words = 1 + (w + 63) // 64
     words = rng.scramble_words(seed, level, lay.block_group, step, lay.block_index, n_words)
@@ -87,16 +88,17 @@ def block_scramble(seed: int, level: int, step: int, lay: Layout):
     block_window = (window + lay.block_index) % lay.n_windows
     # Broadcast over (block, slot): no per-dim gathers.
     u = torch.arange(w, device=w0.device)
-    col = (block_window * w)[:, None] + ((mult[:, None] * u + add[:, None]) & (w - 1))
+    local = (mult[:, None] * u + add[:, None]) & (w - 1)
     sign_words = words[:, 1:].repeat_interleave(64, dim=1)[:, :w]
     sign_bit = (sign_words >> (u % 64)) & 1
-    return col, sign_bit, block_window, lay.block_index // lay.n_windows
+    return local, sign_bit, block_window, lay.block_index // lay.n_windows
 
 
 def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
     """The hashed column permutation, window and signs of every coded dim at a step."""
-    col, sign_bit, block_window, shift = block_scramble(seed, level, step, lay)
-    col, sign = col.reshape(-1), 1.0 - 2.0 * sign_bit.reshape(-1).to(torch.float32)
+    local, sign_bit, block_window, shift = block_scramble(seed, level, step, lay)
+    col = ((block_window * lay.width)[:, None] + local).reshape(-1)
+    sign = 1.0 - 2.0 * sign_bit.reshape(-1).to(torch.float32)
     if lay.dim_slot is not None:
         col, sign = col[lay.dim_slot], sign[lay.dim_slot]
     return Scramble(col=col, sign=sign, block_window=block_window, block_shift=shift,

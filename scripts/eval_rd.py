@@ -198,13 +198,10 @@ def _curve(rows: dict[str, dict[str, float]], order: list[int], per_model: list)
 
 def default_name(names: list[str], coder: str) -> str:
     """The models' common name, cut at a whole `-`/`_`/`.` token: pln-cpu-b4-…, pln-cpu-b1.5-… -> pln-cpu."""
-    prefix = names[0]
-    if len(names) > 1:
-        prefix = os.path.commonprefix(names)
-        if any(len(n) > len(prefix) and n[len(prefix)] not in "-_." for n in names):
-            prefix = prefix[: max(prefix.rfind(c) for c in "-_.") + 1] if any(c in prefix for c in "-_.") else ""
-        prefix = prefix.rstrip("-_.")
-    return f"{prefix or ' + '.join(names)} (REC {coder})"
+    prefix = os.path.commonprefix(names)
+    if any(n[len(prefix):][:1] not in ("", "-", "_", ".") for n in names):  # it ends mid-token
+        prefix = prefix[: max(map(prefix.rfind, "-_.")) + 1]  # back to the last separator ('' if none)
+    return f"{prefix.rstrip('-_.') or ' + '.join(names)} (REC {coder})"
 
 
 def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: float) -> dict:
