@@ -12,6 +12,8 @@ Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), al
 
 import json
 import math
+import statistics
+from collections import deque
 import os
 import platform
 import signal
@@ -56,7 +58,8 @@ class TrainConfig:
     val_images: int = 8
     ckpt_minutes: float = 5.0  # write a checkpoint at least this often
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time, 0 = no limit
-    max_bad_steps: int = 20  # abort after this many consecutive non-finite losses
+    max_bad_steps: int = 20  # abort after this many consecutive skipped (non-finite or KL-spike) batches
+    kl_spike: float = 3.0  # skip the update of a batch whose KL exceeds this × the recent median, 0 = off
     init_from: str = ""  # start from the weights of a checkpoint or model file (fine-tuning another β)
     tag: str = ""  # export tag, default: the out_dir name
     export_dir: str = "weights"
@@ -279,6 +282,33 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class SpikeGuard:
+    """Flags a batch whose KL is `factor` × the median of the last accepted batches, so that its update is
+    skipped. At β ≤ 0.1 a run's KL doubled within 25 steps and then exploded for good; in stable runs a
+    batch's KL stays within 1.6 × (once 2.1 ×) the median of the previous ones."""
+
+    def __init__(self, factor: float, window: int = 100, warmup: int = 20):
+        self.factor, self.warmup = factor, warmup
+        self.recent = deque(maxlen=window)
+
+    def is_spike(self, kl: float) -> bool:
+        if self.factor <= 0 or len(self.recent) < self.warmup:
+            return False
+        return kl > self.factor * statistics.median(self.recent)
+
+    def accept(self, kl: float) -> None:
+        self.recent.append(kl)
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank if it is true on one (DDP ranks must skip a batch together, or backward hangs)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def trim_log(path: Path, step: int) -> None:
     """Drop log records past the checkpoint's step: a resumed run logs those steps again."""
     if not path.exists():
@@ -364,73 +394,83 @@ def main(argv: list[str] | None = None) -> int:
     board = tensorboard_writer(cfg.out_dir) if is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     start = last_ckpt = time.time()
-    bad_steps = 0
+    bad_steps = skipped = 0
+    spikes = SpikeGuard(cfg.kl_spike)
     provenance["segments"] = list(provenance.get("segments", [])) + [
         {"steps": [step, step], "minutes": 0.0, "hardware": hardware(device, world, bf16)}]
     stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130 / 143
-    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    model.train()
-    while step < cfg.steps:
-        x = data.batch(step, cfg.batch_size).to(device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_000_007 + step)  # posterior noise of this step
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
-        terms = net(x, cfg.beta, kl_weight(step + 1, cfg.kl_warmup), autocast)
-        if not torch.isfinite(terms["loss"]):
-            bad_steps += 1
-            if bad_steps >= cfg.max_bad_steps:
-                print(f"train.py: error: {bad_steps} non-finite losses in a row at step {step}", file=sys.stderr)
-                stop.restore()
-                return 1
-            step += 1  # skip this batch; the weights are untouched
-            continue
-        bad_steps = 0
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        step += 1
-        bar.update(1)
+    try:
+        bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True)
+        model.train()
+        while step < cfg.steps:
+            x = data.batch(step, cfg.batch_size).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_000_007 + step)  # posterior noise of this step
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
+            terms = net(x, cfg.beta, kl_weight(step + 1, cfg.kl_warmup), autocast)
+            kl = float(terms["kl"].detach())
+            reason = ("non-finite loss" if not torch.isfinite(terms["loss"])
+                      else "KL spike" if spikes.is_spike(kl) else "")
+            if any_rank(bool(reason), world, device):
+                bad_steps += 1
+                skipped += 1
+                if bad_steps >= cfg.max_bad_steps:
+                    print(f"train.py: error: {bad_steps} batches skipped in a row at step {step} "
+                          f"(last: {reason or 'on another rank'}); resume from ckpt_prev.pt with a lower --lr",
+                          file=sys.stderr)
+                    return 1
+                step += 1  # skip this batch; the weights are untouched
+                continue
+            bad_steps = 0
+            spikes.accept(kl)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            step += 1
+            bar.update(1)
 
-        if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-            record = {"step": step, "time": round(time.time() - start, 1), "lr": learning_rate(cfg, step),
-                      "grad_norm": round(float(grad_norm), 2), **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
-            bar.set_postfix(loss=f"{record['loss']:.0f}", kl_bpp=f"{record['kl_bpp']:.3f}",
-                            psnr=f"{record['psnr']:.2f}")
-            if val_images and step % cfg.val_every == 0:
-                record.update(validate(model, val_images, device))
-                best_val = min(best_val, record["loss"])
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if board is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        board.add_scalar(key, value, step)
-        out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
-        out_of_time |= stop.requested(world, device)
-        provenance["segments"][-1].update(steps=[provenance["segments"][-1]["steps"][0], step],
-                                          minutes=round((time.time() - start) / 60, 2))
-        if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
-            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
-            last_ckpt = time.time()
-        if out_of_time:
-            break
-    bar.close()
-    if is_main:
-        save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
-        if step >= cfg.steps:
-            print(f"exported {export(model, cfg, tag, step, provenance)}", file=sys.stderr)
-    if world > 1:
-        dist.destroy_process_group()
-    stop.restore()
-    if stop.signal is not None:
+            if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+                record = {"step": step, "time": round(time.time() - start, 1), "lr": learning_rate(cfg, step),
+                          "grad_norm": round(float(grad_norm), 2), "skipped": skipped,
+                          **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
+                bar.set_postfix(loss=f"{record['loss']:.0f}", kl_bpp=f"{record['kl_bpp']:.3f}",
+                                psnr=f"{record['psnr']:.2f}")
+                if val_images and step % cfg.val_every == 0:
+                    record.update(validate(model, val_images, device))
+                    best_val = min(best_val, record["loss"])
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if board is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(key, value, step)
+            out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
+            out_of_time |= stop.requested(world, device)
+            provenance["segments"][-1].update(steps=[provenance["segments"][-1]["steps"][0], step],
+                                              minutes=round((time.time() - start) / 60, 2))
+            if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
+                save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
+                last_ckpt = time.time()
+            if out_of_time:
+                break
+        bar.close()
         if is_main:
-            print(f"train.py: stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved "
-                  f"to {ckpt_path} (continue with --resume)", file=sys.stderr)
-        return 128 + stop.signal
-    return 0
+            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
+            if step >= cfg.steps:
+                print(f"exported {export(model, cfg, tag, step, provenance)}", file=sys.stderr)
+        if world > 1:
+            dist.destroy_process_group()
+        if stop.signal is not None:
+            if is_main:
+                print(f"train.py: stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved "
+                      f"to {ckpt_path} (continue with --resume)", file=sys.stderr)
+            return 128 + stop.signal
+        return 0
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":

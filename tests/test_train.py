@@ -202,3 +202,13 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(photo_dir, tmp_pat
     assert tuned["step"] == 0 and all(torch.equal(base["model"][k], tuned["model"][k]) for k in base["model"])
     assert tuned["provenance"]["init"] == {"from": str(tmp_path / "base" / "ckpt.pt"), "step": 2}
     assert run_train(*common, f"--out_dir={tmp_path / 'bad'}", f"--init_from={tmp_path / 'nope.pt'}") == 2
+
+
+def test_spike_guard_flags_only_a_kl_far_above_the_recent_median():
+    guard = train.SpikeGuard(3.0, window=50, warmup=20)
+    assert not guard.is_spike(1e9)  # no history yet: nothing to compare with
+    for kl in [100.0, 120.0, 90.0, 110.0] * 5:
+        guard.accept(kl)
+    assert not guard.is_spike(2.5 * 105)
+    assert guard.is_spike(3.5 * 105)
+    assert not train.SpikeGuard(0.0).is_spike(1e9)  # 0 turns it off
