@@ -12,10 +12,7 @@ Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), al
 
 import json
 import math
-import statistics
-from collections import deque
 import os
-import platform
 import signal
 import sys
 import time
@@ -27,8 +24,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from models import ModelConfig, build_model, elbo_loss, save_model, unwrap
+from models import ModelConfig, build_model, elbo_loss, save_model
 from models.data import DataError, RandomCrops, full_images
+from models.run import SpikeGuard, StopSignal, any_rank, hardware, save_checkpoint, training_record, trim_log
 
 
 @dataclass(frozen=True)
@@ -167,19 +165,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * cfg.lr_decay_rate ** (step / max(1, cfg.lr_decay_steps))
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, best_val: float,
-                    provenance: dict) -> None:
-    """Atomic: write a temporary file, then rename over the old checkpoint, which is kept as
-    ckpt_prev.pt (a way back if a run diverged just before a save)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": "rec-ckpt/1", "config": config, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "best_val": best_val,
-                "provenance": provenance}, tmp)
-    if path.exists():
-        os.replace(path, path.with_name("ckpt_prev.pt"))
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
     """KL bpp, PSNR and MS-SSIM of one posterior-sample reconstruction per whole image (fp32)."""
@@ -207,116 +192,10 @@ def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
     return result
 
 
-def hardware(device: torch.device, world: int, bf16: bool) -> str:
-    """What a segment of training ran on, for the exported model's record."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name += f" ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
-    return f"{world} x {name}, {'bf16 autocast' if bf16 else 'fp32'}, torch {torch.__version__}"
-
-
-FINAL_TERMS = ("loss", "nll", "kl_bpp", "kl1_bpp", "kl2_bpp", "psnr", "gamma")
-
-
-def training_record(out_dir: str, step: int, provenance: dict, init_from: str = "") -> dict:
-    """Steps, wall time, hardware and final loss terms of a run, stored in its exported model.
-
-    Segments (one per process run: steps, minutes, hardware) come from the checkpoint; runs
-    checkpointed before they were recorded fall back to the log's clock, which restarts at 0 on
-    every resume. Final terms are means over the last 50 logged steps (noisy single batches)."""
-    path = Path(out_dir) / "log.jsonl"
-    records = [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r and r["step"] <= step] \
-        if path.exists() else []
-    segments = list(provenance.get("segments", []))
-    early = [r for r in records if not segments or r["step"] <= segments[0]["steps"][0]]
-    if early:  # steps from before segments were recorded
-        bounds = [0] + [i for i in range(1, len(early)) if early[i]["time"] < early[i - 1]["time"]]
-        segments[:0] = [{"steps": [early[a]["step"], early[b - 1]["step"]],
-                         "minutes": round(early[b - 1]["time"] / 60, 1), "hardware": None}
-                        for a, b in zip(bounds, bounds[1:] + [len(early)])]
-    last = records[-50:]
-    final = {k: round(sum(r[k] for r in last) / len(last), 5) for k in FINAL_TERMS if last and k in last[0]}
-    return {"steps": step, "minutes": round(sum(seg["minutes"] for seg in segments), 1),
-            "segments": segments, "final_terms": final,
-            "init": provenance.get("init") or ({"from": init_from, "step": None} if init_from else None)}
-
-
 def export(model, cfg: TrainConfig, tag: str, step: int, provenance: dict) -> Path:
     record = training_record(cfg.out_dir, step, provenance, cfg.init_from)
     return save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
                       meta={"step": step, "training": record})
-
-
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C kills)."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            self.restore()
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def requested(self, world: int, device: torch.device) -> bool:
-        """Whether to stop now; under DDP every rank agrees (one may have been signalled a step later)."""
-        if world == 1:
-            return self.signal is not None
-        flag = torch.tensor([self.signal or 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signal is None:
-            self.signal = int(flag.item())
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-class SpikeGuard:
-    """Flags a batch whose KL is `factor` × the median of the last accepted batches, so that its update is
-    skipped. At β ≤ 0.1 a run's KL doubled within 25 steps and then exploded for good; in stable runs a
-    batch's KL stays within 1.6 × (once 2.1 ×) the median of the previous ones."""
-
-    def __init__(self, factor: float, window: int = 100, warmup: int = 20):
-        self.factor, self.warmup = factor, warmup
-        self.recent = deque(maxlen=window)
-
-    def is_spike(self, kl: float) -> bool:
-        if self.factor <= 0 or len(self.recent) < self.warmup:
-            return False
-        return kl > self.factor * statistics.median(self.recent)
-
-    def accept(self, kl: float) -> None:
-        self.recent.append(kl)
-
-
-def any_rank(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every rank if it is true on one (DDP ranks must skip a batch together, or backward hangs)."""
-    if world == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Drop log records past the checkpoint's step: a resumed run logs those steps again."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from models import ModelConfig, build_model, elbo_loss
+from models import ModelConfig, build_model, elbo_loss, run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -95,11 +95,11 @@ def test_resume_keeps_the_checkpoints_settings_and_drops_log_records_past_it(pho
 
 
 def test_training_record_of_a_run_without_segments_reads_the_logs_clock_restarts(tmp_path):
-    terms = {k: 1.0 for k in train.FINAL_TERMS}
+    terms = {k: 1.0 for k in run.FINAL_TERMS}
     lines = [{"step": 10, "time": 6.0}, {"step": 20, "time": 12.0}, {"step": 30, "time": 3.0},
              {"step": 40, "time": 9.0}, {"step": 50, "time": 99.0}]  # step 50: past the checkpoint
     (tmp_path / "log.jsonl").write_text("".join(json.dumps({**r, **terms}) + "\n" for r in lines))
-    record = train.training_record(str(tmp_path), 40, {})
+    record = run.training_record(str(tmp_path), 40, {})
     assert [seg["steps"] for seg in record["segments"]] == [[10, 20], [30, 40]]
     assert record["minutes"] == 0.3 and record["final_terms"]["psnr"] == 1.0
 
@@ -113,7 +113,7 @@ def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
     record = blob["meta"]["training"]
     assert record["steps"] == 2 and [seg["steps"] for seg in record["segments"]] == [[0, 2]]
     assert "fp32, torch" in record["segments"][0]["hardware"] and record["init"] is None
-    assert set(record["final_terms"]) == set(train.FINAL_TERMS)
+    assert set(record["final_terms"]) == set(run.FINAL_TERMS)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["crop"] == 64 and config["arch"] == "pln"
 
@@ -205,10 +205,10 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(photo_dir, tmp_pat
 
 
 def test_spike_guard_flags_only_a_kl_far_above_the_recent_median():
-    guard = train.SpikeGuard(3.0, window=50, warmup=20)
+    guard = run.SpikeGuard(3.0, window=50, warmup=20)
     assert not guard.is_spike(1e9)  # no history yet: nothing to compare with
     for kl in [100.0, 120.0, 90.0, 110.0] * 5:
         guard.accept(kl)
     assert not guard.is_spike(2.5 * 105)
     assert guard.is_spike(3.5 * 105)
-    assert not train.SpikeGuard(0.0).is_spike(1e9)  # 0 turns it off
+    assert not run.SpikeGuard(0.0).is_spike(1e9)  # 0 turns it off
