@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
                     return 1
                 step += 1  # skip this batch; the weights are untouched
+                provenance["segments"][-1]["skipped"] = skipped
+                bar.update(1)
                 continue
             bad_steps = 0
             spikes.accept(kl)

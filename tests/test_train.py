@@ -212,3 +212,19 @@ def test_spike_guard_flags_only_a_kl_far_above_the_recent_median():
     assert not guard.is_spike(2.5 * 105)
     assert guard.is_spike(3.5 * 105)
     assert not run.SpikeGuard(0.0).is_spike(1e9)  # 0 turns it off
+
+
+def test_skipped_batches_leave_the_weights_alone_and_are_counted_in_the_record(photo_dir, tmp_path):
+    # a tiny factor flags every batch once the guard has 20 accepted ones to compare with
+    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'w'}",
+                     "--steps=30", "--kl_spike=1e-9", "--max_bad_steps=100", "--log_every=1") == 0
+    (path,) = (tmp_path / "w").glob("*.pt")
+    record = torch.load(path, weights_only=True)["meta"]["training"]
+    assert record["steps"] == 30 and record["segments"][0]["skipped"] == 10
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 21))  # only updated steps are logged
+    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run20'}", f"--export_dir={tmp_path / 'w20'}",
+                     "--steps=20") == 0
+    (path20,) = (tmp_path / "w20").glob("*.pt")
+    weights, weights20 = (torch.load(p, weights_only=True)["state_dict"] for p in (path, path20))
+    assert all(torch.equal(weights[k], weights20[k]) for k in weights20)  # the 10 skipped steps changed nothing
