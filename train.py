@@ -273,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     board = tensorboard_writer(cfg.out_dir) if is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     start = last_ckpt = time.time()
-    bad_steps = skipped = 0
+    bad_steps = 0
     spikes = SpikeGuard(cfg.kl_spike)
-    provenance["segments"] = list(provenance.get("segments", [])) + [
-        {"steps": [step, step], "minutes": 0.0, "hardware": hardware(device, world, bf16)}]
+    segment = {"steps": [step, step], "minutes": 0.0, "skipped": 0, "hardware": hardware(device, world, bf16)}
+    provenance["segments"] = list(provenance.get("segments", [])) + [segment]
     stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130 / 143
     try:
         bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True)
@@ -294,14 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                       else "KL spike" if spikes.is_spike(kl) else "")
             if any_rank(bool(reason), world, device):
                 bad_steps += 1
-                skipped += 1
+                segment["skipped"] += 1
                 if bad_steps >= cfg.max_bad_steps:
                     print(f"train.py: error: {bad_steps} batches skipped in a row at step {step} "
                           f"(last: {reason or 'on another rank'}); resume from ckpt_prev.pt with a lower --lr",
                           file=sys.stderr)
                     return 1
                 step += 1  # skip this batch; the weights are untouched
-                provenance["segments"][-1]["skipped"] = skipped
                 bar.update(1)
                 continue
             bad_steps = 0
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 record = {"step": step, "time": round(time.time() - start, 1), "lr": learning_rate(cfg, step),
-                          "grad_norm": round(float(grad_norm), 2), "skipped": skipped,
+                          "grad_norm": round(float(grad_norm), 2), "skipped": segment["skipped"],
                           **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
                 bar.set_postfix(loss=f"{record['loss']:.0f}", kl_bpp=f"{record['kl_bpp']:.3f}",
                                 psnr=f"{record['psnr']:.2f}")
@@ -330,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                             board.add_scalar(key, value, step)
             out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
             out_of_time |= stop.requested(world, device)
-            provenance["segments"][-1].update(steps=[provenance["segments"][-1]["steps"][0], step],
-                                              minutes=round((time.time() - start) / 60, 2))
+            segment.update(steps=[segment["steps"][0], step], minutes=round((time.time() - start) / 60, 2))
             if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
                 save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
                 last_ckpt = time.time()

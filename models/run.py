@@ -84,13 +84,10 @@ class StopSignal:
 
     def requested(self, world: int, device: torch.device) -> bool:
         """Whether to stop now; under DDP every rank agrees (one may have been signalled a step later)."""
-        if world == 1:
-            return self.signal is not None
-        flag = torch.tensor([self.signal or 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signal is None:
-            self.signal = int(flag.item())
-        return bool(flag.item())
+        signum = rank_max(self.signal or 0, world, device)
+        if signum and self.signal is None:
+            self.signal = signum
+        return bool(signum)
 
     def restore(self) -> None:
         for sig, handler in self._old.items():
@@ -115,13 +112,18 @@ class SpikeGuard:
         self.recent.append(kl)
 
 
+def rank_max(value: int, world: int, device: torch.device) -> int:
+    """The largest of the ranks' values, on every rank (itself without DDP)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     """True on every rank if it is true on one (DDP ranks must skip a batch together, or backward hangs)."""
-    if world == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return rank_max(int(flag), world, device) > 0
 
 
 def trim_log(path: Path, step: int) -> None:
