@@ -139,7 +139,7 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
     del feats
     x_hat = to_uint8(model.synthesize(z)[..., :height, :width])
     header = RecHeader(model_ref.name, model_ref.sha256, height, width, seed, coder,
-                       params_to_bytes(coder, params, model.num_levels))
+                       params_to_bytes(params, model.num_levels))
     data = pack_rec(header, sections)
     kl_bits = sum(s["kl_bits"] for s in levels)
     stats = {"height": height, "width": width, "bytes": len(data), "bpp": 8 * len(data) / (height * width),
@@ -148,18 +148,17 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
     return data, x_hat, stats
 
 
-# Coder parameters in the header. A preset ("thesis", "fast") is sent by name in the `coder`
-# field plus its CoderParams.format_bytes(level) for each level (the fields a decoder depends on,
-# 24 bytes a level): b"P" + bytes. The decoder rebuilds its params from those bytes, so files stay
-# decodable if a preset is retuned or a newer build adds one. Any other parameters are sent in
-# full: b"J" + zlib(JSON).
+# Coder parameters in the header: the `coder` field names the preset ("thesis", "fast"; "custom"
+# for any other params), and b"P" + CoderParams.format_bytes(level) for each level follows (the
+# fields a decoder depends on, 24 bytes a level). The decoder rebuilds its params from those bytes,
+# so files stay decodable if a preset is retuned or a newer build adds one, and custom params cost
+# no more header than a preset. Files of earlier builds may carry custom params in full:
+# b"J" + zlib(JSON), still read.
 _MAX_JSON = 1 << 16
 
 
-def params_to_bytes(coder: str, params: CoderParams, num_levels: int) -> bytes:
-    if coder in PRESETS:
-        return b"P" + params.levels_format_bytes(num_levels)
-    return b"J" + zlib.compress(params.to_bytes(), 9)
+def params_to_bytes(params: CoderParams, num_levels: int) -> bytes:
+    return b"P" + params.levels_format_bytes(num_levels)
 
 
 def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:

@@ -119,12 +119,16 @@ def test_refuses_images_above_the_pixel_limit(store, models_dir):
         compress_image(model, image(10, 20), model_ref=ref, params=SMALL, max_pixels=199)
 
 
-def test_custom_params_travel_in_the_header(store, models_dir):
+def test_custom_params_travel_in_the_header_as_compactly_as_a_preset(store, models_dir):
     model, ref = load(store, models_dir, "vae")
-    data = compress_image(model, image(8, 8), model_ref=ref, params=SMALL)[0]
+    data, x_hat, _ = compress_image(model, image(8, 8), model_ref=ref, params=SMALL)
     header, _ = unpack_rec(data)
-    assert header.coder == "custom" and header.coder_params[:1] == b"J"
-    assert api.params_from_header(header, 1) == SMALL
+    assert header.coder == "custom" and header.coder_params == b"P" + SMALL.levels_format_bytes(1)
+    assert api.params_from_header(header, 1).levels_format_bytes(1) == SMALL.levels_format_bytes(1)
+    assert np.array_equal(decompress(data, store)[0], x_hat)
+    legacy = _rewrap(data, coder_params=b"J" + zlib.compress(SMALL.to_bytes(), 9))  # earlier builds
+    assert api.params_from_header(unpack_rec(legacy)[0], 1) == SMALL
+    assert np.array_equal(decompress(legacy, store)[0], x_hat)
 
 
 def _rewrap(data: bytes, **changes) -> bytes:
