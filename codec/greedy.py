@@ -5,8 +5,10 @@ per group): shard k has variance r^k (1 - r) / (1 - r^S_g), so they sum to N(0, 
 the thesis' equal split 1/S_g, r < 1 lets the last shards resolve dims with sigma_q << 1/sqrt(S)
 (thesis preset r = 0.85). Starting from z = 0, each step offers every group 2^b shard
 candidates s_k*x (x from the shared pool) and keeps the one maximising log q'(z + s_k*x) (or,
-with `auxiliary`, the importance weight of the shard under its conditional target); the
-step's index costs b bits. log q'(z + s*x) = sum_d A_d x_d^2 + B_d x_d + const with
+with `auxiliary`, the importance weight of the shard under its conditional target; with
+`sample`, a draw proportional to exp(score) by Gumbel-max with encoder-private noise, which
+makes `auxiliary` + `sample` an iREC-style multi-step importance sampler); the step's index
+costs b bits. log q'(z + s*x) = sum_d A_d x_d^2 + B_d x_d + const with
 A = -s^2 / (2 v), B = s (m - z) / v, so one step for all groups is a few GEMMs.
 """
 
@@ -61,6 +63,7 @@ def encode(
     group_steps: torch.Tensor | None = None,
     decay: float = 1.0,
     auxiliary: bool = False,
+    sample: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code N(m, v) (float64, standardised, groups of `sizes` in order).
 
@@ -99,6 +102,10 @@ def encode(
         ab = pool.block_matrix(lay, scr, a, b)
         for groups in _group_chunks(lay.n_groups, k, memory_bytes):
             scores = pool.group_scores(feats, lay, scr, ab, groups)
+            if sample:  # pick a shard with probability proportional to its weight (Gumbel-max)
+                keys = torch.arange(groups.start, groups.stop, device=device) * steps + step
+                scores = scores.double() + rng.gumbel(seed, level, keys[None, :],
+                                                      torch.arange(k, device=device)[:, None])
             indices[groups, step] = scores.argmax(0)
         indices[group_steps <= step, step] = 0
         rows = pool.dim_rows(indices[lay.dim_group, step], scr, k)

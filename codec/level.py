@@ -107,12 +107,12 @@ def index_lengths(group_kl_bits: np.ndarray, lp: LevelParams) -> np.ndarray:
     """Per coded group: importance index bits L_g, or greedy steps S_g (adaptive params only).
 
     Importance: L_g = ceil(KL_g + t) in [0, B], so the group draws 2^L_g candidates and its
-    index costs L_g bits. Greedy: S_g = ceil((KL_g + margin) / b) in [1, S] steps.
+    index costs L_g bits. Greedy: S_g = ceil((KL_g + margin) / (b - t)) in [1, S] steps.
     """
     if lp.sampler == "importance":
         raw = np.ceil(group_kl_bits + lp.oversample_bits - 1e-9)
         return np.clip(raw, 0, lp.index_bits).astype(np.int64)
-    raw = np.ceil((group_kl_bits + lp.margin_nats / math.log(2)) / lp.index_bits - 1e-9)
+    raw = np.ceil((group_kl_bits + lp.margin_nats / math.log(2)) / lp.step_bits - 1e-9)
     return np.clip(raw, 1, lp.steps).astype(np.int64)
 
 
@@ -212,7 +212,8 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
         idx, x = greedy.encode(m[cod_pos], v[cod_pos], sizes_t, steps=lp.steps,
                                width=params.pool_width, windows=params.pool_windows,
                                group_steps=steps_t, decay=lp.shard_decay,
-                               auxiliary=lp.target == "auxiliary", **common)
+                               auxiliary=lp.target == "auxiliary",
+                               sample=lp.selection == "sample", **common)
         steps_np = np.full(len(sizes), lp.steps) if lens is None else lens
         used = np.arange(lp.steps)[None, :] < steps_np[:, None]
         idx_np = idx.cpu().numpy()[used]

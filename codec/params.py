@@ -7,12 +7,31 @@ Only the fields in `format_bytes` change the bytes a decoder must understand; th
 import json
 import math
 import struct
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
 SAMPLERS = ("greedy", "importance")
 _FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
+
+
+_SCALAR_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _parse_value(key: str, text: str, kind: type):
+    """A KEY=VALUE override's value as the field's type (ints are accepted for floats)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is str and not isinstance(value, str):
+        value = text
+    if type(value) is not kind:
+        wanted = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+        raise ValueError(f"{key} must be {wanted}, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -23,8 +42,9 @@ class LevelParams:
     max_group_size: int = 4095  # dims per group
     margin_nats: float = 1.0  # group KL budget = steps * index_bits bits - margin
     outlier_bits: float = 24.0  # dims with more KL are sent as 16-bit values
-    oversample_bits: float = 0.0  # importance: n_g = min(2^B, ceil(exp(KL_g) * 2^t))
-    selection: str = "argmax"  # importance: "argmax" (thesis code) or "sample" (prop. to w)
+    oversample_bits: float = 0.0  # importance: n_g = min(2^B, ceil(exp(KL_g) * 2^t));
+    # greedy: each step carries b - t bits of KL, so S_g = ceil((KL_g + margin) / (b - t))
+    selection: str = "argmax"  # "argmax" (thesis code) or "sample" (prop. to the weight)
     adaptive: bool = True  # per-group index length from its KL, sent as side info (thesis: no)
     zero_kl_bits: float = 0.02  # dims at most this KL, in runs of >= zero_run, take a prior
     zero_run: int = 16  # sample from the shared stream and cost no index (0: off)
@@ -46,6 +66,8 @@ class LevelParams:
             raise ValueError("importance groups hold at most 64 dims")
         if self.selection not in ("argmax", "sample"):
             raise ValueError("selection must be 'argmax' or 'sample'")
+        if self.target not in ("sum", "auxiliary"):
+            raise ValueError("target must be 'sum' or 'auxiliary'")
         if not 0.0 < self.shard_decay <= 1.0:
             raise ValueError("shard_decay must be in (0, 1]")
         if self.budget_bits <= 0:
@@ -56,7 +78,14 @@ class LevelParams:
 
     @property
     def budget_bits(self) -> float:
-        return self.steps * self.index_bits - self.margin_nats / math.log(2)
+        return self.steps * self.step_bits - self.margin_nats / math.log(2)
+
+    @property
+    def step_bits(self) -> float:
+        """KL a greedy step is planned to carry (its index costs index_bits)."""
+        if self.sampler == "importance":
+            return float(self.index_bits)
+        return self.index_bits - self.oversample_bits
 
     @property
     def pool_width(self) -> int:
@@ -94,8 +123,9 @@ class CoderParams:
             raise ValueError("pool_width must be a power of two in [2, 4096]")
         if not 1 <= self.pool_windows <= 64:
             raise ValueError("pool_windows must be in [1, 64]")
-        if self.level1.max_group_size > 255 * w:
-            raise ValueError("greedy groups may span at most 255 pool blocks")
+        for lp in (self.level1, self.level2):
+            if lp.sampler == "greedy" and lp.max_group_size > 255 * w:
+                raise ValueError("greedy groups may span at most 255 pool blocks")
         if self.gemm_dtype not in ("float32", "bfloat16"):
             raise ValueError("gemm_dtype must be 'float32' or 'bfloat16'")
 
@@ -186,3 +216,28 @@ class CoderParams:
 
     def replace(self, **changes) -> "CoderParams":
         return replace(self, **changes)
+
+    def with_overrides(self, items: list[str]) -> "CoderParams":
+        """These params with `KEY=VALUE` changes, e.g. "level2.sampler=greedy", "memory_mb=512".
+
+        VALUE is read as JSON when it parses (numbers, true/false), else as a string; all
+        changes are applied at once. ValueError (one line) for an unknown key, a value of the
+        wrong type, or a combination the params reject.
+        """
+        changes: dict[str, dict] = {"": {}, "level1": {}, "level2": {}}
+        for item in items:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            head, _, name = key.rpartition(".")
+            owner = LevelParams if head else CoderParams
+            types = {f.name: getattr(f.type, "__name__", f.type) for f in fields(owner)}
+            if head not in changes or types.get(name) not in _SCALAR_TYPES:
+                raise ValueError(f"unknown coder parameter {key!r}")
+            changes[head][name] = _parse_value(key, text, _SCALAR_TYPES[types[name]])
+        top = changes.pop("")
+        try:
+            levels = {k: getattr(self, k).replace(**v) for k, v in changes.items() if v}
+            return self.replace(**top, **levels)
+        except ValueError as e:
+            raise ValueError(f"coder parameters {' '.join(items)}: {e}") from None

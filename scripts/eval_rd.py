@@ -3,6 +3,7 @@
     python scripts/eval_rd.py --data ../shared/data/kodak --model weights/pln-b4-1234abcd.pt \\
         --coder fast -o results/kodak/pln.json
     python scripts/eval_rd.py --data DIR --model M1 M2 M3 --rec-dir /tmp/recs --per-image -o OUT.json
+    python scripts/eval_rd.py --data DIR --model M --coder thesis --coder-set level2.oversample_bits=1
 
 Each --model (a model file, or a name / SHA-256 prefix looked up as compress.py does: in
 $REC_MODEL_DIR, then weights/) is one RD point of ONE curve (CompressAI's schema, points sorted
@@ -103,7 +104,7 @@ def eval_image(model, ref: api.ModelRef, store: api.ModelStore, img: np.ndarray,
     """Returns (actual metrics, ideal metrics per IDEAL key, mismatch info)."""
     pixels = img.shape[0] * img.shape[1]
     t0 = time.perf_counter()
-    data, predicted, stats = api.compress_image(model, img, model_ref=ref, seed=args.seed, params=args.coder,
+    data, predicted, stats = api.compress_image(model, img, model_ref=ref, seed=args.seed, params=args.params,
                                                 device=args.device)
     write_atomic(rec_path, data)
     t1 = time.perf_counter()
@@ -206,7 +207,7 @@ def default_name(names: list[str], coder: str) -> str:
 
 def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: float) -> dict:
     order = sorted(range(len(evals)), key=lambda i: mean(list(evals[i]["actual"]["bpp"].values())))
-    name = args.name or default_name([e["name"] for e in evals], args.coder)
+    name = args.name or default_name([e["name"] for e in evals], args.coder_label)
     results, per_image = _curve(evals[0]["actual"], order, [e["actual"] for e in evals])
     ideal_curves = []
     for key, (suffix, rate, src) in IDEAL.items():
@@ -223,7 +224,8 @@ def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: f
         "source": "eval_rd",
         "models": [{k: evals[i][k] for k in ("name", "path", "sha256", "arch", "config", "model_meta")}
                    for i in order],  # one per RD point, in the order of the lists
-        "coder": args.coder, "coder_params": CoderParams.preset(args.coder).to_dict(), "seed": args.seed,
+        "coder": args.coder, "coder_overrides": args.coder_set, "coder_params": args.params.to_dict(),
+        "seed": args.seed,
         "device": args.device, "torch_threads": torch.get_num_threads(), "dataset": Path(args.data).name,
         "n_images": len(images), "n_images_available": n_available, "limit": args.limit,
         "images": list(images),
@@ -235,7 +237,7 @@ def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: f
         "decode_mismatches": mismatches,
         "wall_s": wall_s, "python": platform.python_version(), "torch": torch.__version__,
     }
-    desc = (f"REC ({args.coder} preset) over {len(evals)} model(s), real .rec files; "
+    desc = (f"REC ({args.coder_label}) over {len(evals)} model(s), real .rec files; "
             f"{len(images)} of {n_available} images of {Path(args.data).name}")
     return make_results(name, desc, results, meta=meta, ideal_curves=ideal_curves,
                         per_image=per_image if args.per_image else None)
@@ -246,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="folder of images (searched recursively)")
     p.add_argument("--model", required=True, nargs="+", metavar="M", help="model files, names or hashes")
     p.add_argument("--coder", default="thesis", choices=api.PRESETS, help="coder preset")
+    p.add_argument("--coder-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change preset fields, e.g. level2.sampler=greedy level2.steps=30 (see codec/params.py)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="file seed of the coder and seed of the ideal sample")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by path)")
@@ -262,6 +266,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--seed must be in [0, 2^64)")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
+    try:
+        args.params = CoderParams.preset(args.coder).with_overrides(args.coder_set)
+    except ValueError as e:
+        raise UsageError(f"--coder-set: {e}") from None
+    args.coder_label = args.coder + (" + " + " ".join(args.coder_set) if args.coder_set else "")
     return args
 
 
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         images, n_available = load_images(Path(args.data), args.limit)
         models = resolve_models(args.model, args.device)
-        print(f"[eval_rd] {len(models)} model(s), {len(images)} of {n_available} images, coder {args.coder}, "
+        print(f"[eval_rd] {len(models)} model(s), {len(images)} of {n_available} images, coder {args.coder_label}, "
               f"device {args.device}", file=sys.stderr)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eval_rd_") as tmp:

@@ -115,6 +115,45 @@ def test_greedy_residuals_have_mean_zero_and_bounded_variance():
     assert abs(r.mean()) < 0.1 and 0.4 < r.var() < 2.5
 
 
+def test_greedy_selection_by_weight_round_trips_and_keeps_the_step_count():
+    q = targets((1, 32, 16, 16), 1.0, shrink=0.3)
+    z, _, st = roundtrip(*q, 1)
+    params = SMALL.replace(level1=SMALL.level1.replace(selection="sample"))
+    zs, _, sts = roundtrip(*q, 1, params)
+    assert not torch.equal(z, zs) and sts["index_bits"] == st["index_bits"]
+    assert abs(residuals(zs, q[0], q[1]).mean()) < 0.1
+
+
+def test_greedy_oversampling_plans_fewer_bits_per_step():
+    # Each 8-bit step is planned to carry 8 - t bits, so groups walk ~8 / (8 - t) times as many steps.
+    q = targets((1, 32, 16, 16), 1.0, shrink=0.3)
+    _, _, st = roundtrip(*q, 1)
+    params = SMALL.replace(level1=SMALL.level1.replace(oversample_bits=2.0, steps=8))
+    z, _, sto = roundtrip(*q, 1, params)
+    assert 1.2 * st["index_bits"] < sto["index_bits"] < 1.45 * st["index_bits"]
+    assert SMALL.level1.replace(oversample_bits=2.0).budget_bits == pytest.approx(6 * 6 - 1 / math.log(2))
+
+
+def test_overrides_change_preset_fields_all_at_once():
+    p = CoderParams.preset("thesis").with_overrides(
+        ["level2.steps=30", "level2.sampler=greedy", "level2.shard_decay=0.85", "memory_mb=64",
+         "level1.target=auxiliary", "level1.margin_nats=2"])
+    assert (p.level2.sampler, p.level2.steps, p.level2.shard_decay) == ("greedy", 30, 0.85)
+    assert p.memory_mb == 64 and p.level1.target == "auxiliary" and p.level1.margin_nats == 2.0
+    assert p.level1.index_bits == CoderParams.preset("thesis").level1.index_bits
+    for items, message in [
+        (["level3.steps=2"], "unknown coder parameter 'level3.steps'"),
+        (["level1=3"], "unknown coder parameter 'level1'"),
+        (["steps"], "expected KEY=VALUE, got 'steps'"),
+        (["level1.adaptive=1"], "level1.adaptive must be true or false, got '1'"),
+        (["level1.index_bits=7.5"], "level1.index_bits must be an integer, got '7.5'"),
+        (["level2.steps=30"], "coder parameters level2.steps=30: the importance sampler has exactly one step"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            CoderParams().with_overrides(items)
+        assert str(e.value) == message
+
+
 def test_groups_with_identical_targets_get_independent_samples():
     # Shared pool + per-group scramble must not correlate groups coding the same target.
     n = 4 * 600

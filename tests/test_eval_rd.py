@@ -189,6 +189,10 @@ def test_ideal_pass_is_seeded_and_its_mean_kl_matches_forward(weights, data):
     (["--data", "{data}", "--model", "{model}", "--limit", "0"], "--limit must be >= 1"),
     (["--data", "{data}", "--model", "{model}", "--coder", "slow"], "invalid choice: 'slow'"),
     (["--data", "{data}"], "the following arguments are required: --model"),
+    (["--data", "{data}", "--model", "{model}", "--coder-set", "level2.colour=red"],
+     "--coder-set: unknown coder parameter 'level2.colour'"),
+    (["--data", "{data}", "--model", "{model}", "--coder-set", "level1.steps=many"],
+     "--coder-set: level1.steps must be an integer, got 'many'"),
 ])
 def test_bad_input_is_one_stderr_line_and_exit_2(tmp_path, capsys, data, weights, argv, message):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
@@ -198,6 +202,20 @@ def test_bad_input_is_one_stderr_line_and_exit_2(tmp_path, capsys, data, weights
     lines = [line for line in err.splitlines() if "FutureWarning" not in line and "warnings.warn" not in line]
     assert len(lines) == 1 and lines[0].startswith("eval_rd.py: error: ") and message in lines[0], err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_coder_set_changes_the_preset_and_is_recorded(tmp_path, capsys, data, weights):
+    model = model_files(weights)[0]
+    code, out, _ = run(capsys, "--data", data, "--model", model, "--coder", "fast", "--limit", "1",
+                       "--coder-set", "level1.oversample_bits=2", "level2.index_bits=10", "--no-progress")
+    doc = json.loads(out)
+    assert code == 0 and doc["meta"]["decode_mismatches"] == []
+    assert doc["meta"]["coder_overrides"] == ["level1.oversample_bits=2", "level2.index_bits=10"]
+    assert doc["meta"]["coder_params"]["level1"]["oversample_bits"] == 2.0
+    assert doc["meta"]["coder_params"]["level2"]["index_bits"] == 10
+    assert doc["name"].endswith(" (REC fast + level1.oversample_bits=2 level2.index_bits=10)")
+    _, plain, _ = run(capsys, "--data", data, "--model", model, "--coder", "fast", "--limit", "1", "--no-progress")
+    assert json.loads(plain)["results"]["bpp"][0] < doc["results"]["bpp"][0]  # 2 of 8 bits a step spare
 
 
 @pytest.mark.parametrize("names,expected", [
