@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from models import ModelConfig, build_model, elbo_loss, save_model
 from models.data import DataError, RandomCrops, full_images
-from models.run import SpikeGuard, StopSignal, any_rank, hardware, save_checkpoint, training_record, trim_log
+from models.run import (SpikeGuard, StopSignal, WeightAverage, any_rank, hardware, save_checkpoint,
+                        training_record, trim_log)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time, 0 = no limit
     max_bad_steps: int = 20  # abort after this many consecutive skipped (non-finite or KL-spike) batches
     kl_spike: float = 3.0  # skip the update of a batch whose KL exceeds this × the recent median, 0 = off
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights (e.g. 0.999) and export
+    # it instead of the last weights; 0 = off
     init_from: str = ""  # start from the weights of a checkpoint or model file (fine-tuning another β)
     tag: str = ""  # export tag, default: the out_dir name
     export_dir: str = "weights"
@@ -192,10 +195,15 @@ def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
     return result
 
 
-def export(model, cfg: TrainConfig, tag: str, step: int, provenance: dict) -> Path:
+def export(model, cfg: TrainConfig, tag: str, step: int, provenance: dict,
+           average: WeightAverage | None) -> Path:
+    """The model file: the weight average when the run keeps one (loaded into `model`)."""
     record = training_record(cfg.out_dir, step, provenance, cfg.init_from)
-    return save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype),
-                      meta={"step": step, "training": record})
+    meta = {"step": step, "training": record}
+    if average is not None:
+        model.load_state_dict(average.state_dict(model))
+        meta["weights"] = f"exponential moving average, decay {average.decay}, {average.updates} updates"
+    return save_model(model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype), meta=meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val"]
+    average = None  # a run that turns the average on later starts it from its current weights
+    if cfg.ema_decay > 0:
+        kept = ckpt is not None and "ema" in ckpt
+        average = WeightAverage(model, cfg.ema_decay, ckpt["ema"] if kept else None,
+                                ckpt["ema_updates"] if kept else 0)
     tag = cfg.tag or Path(cfg.out_dir).name
     if "export" in flags:
-        print(export(model, cfg, tag, step, provenance))
+        print(export(model, cfg, tag, step, provenance, average))
         return 0
 
     bf16 = use_bf16(cfg.amp, device)
@@ -309,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             terms["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
+            if average is not None:
+                average.update(model)
             step += 1
             bar.update(1)
 
@@ -331,15 +346,15 @@ def main(argv: list[str] | None = None) -> int:
             out_of_time |= stop.requested(world, device)
             segment.update(steps=[segment["steps"][0], step], minutes=round((time.time() - start) / 60, 2))
             if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
-                save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
+                save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance, average)
                 last_ckpt = time.time()
             if out_of_time:
                 break
         bar.close()
         if is_main:
-            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance)
+            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance, average)
             if step >= cfg.steps:
-                print(f"exported {export(model, cfg, tag, step, provenance)}", file=sys.stderr)
+                print(f"exported {export(model, cfg, tag, step, provenance, average)}", file=sys.stderr)
         if world > 1:
             dist.destroy_process_group()
         if stop.signal is not None:

@@ -1,5 +1,6 @@
 """Training-run plumbing kept out of train.py's loop: atomic checkpoints, the log trimmed on resume,
-the provenance record an exported model carries, stop signals and the KL-spike guard."""
+the provenance record an exported model carries, stop signals, the KL-spike guard and the weight
+average."""
 
 import json
 import os
@@ -16,13 +17,14 @@ from models import unwrap
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, best_val: float,
-                    provenance: dict) -> None:
+                    provenance: dict, average: "WeightAverage | None" = None) -> None:
     """Atomic: write a temporary file, then rename over the old checkpoint, which is kept as
     ckpt_prev.pt (a way back if a run diverged just before a save)."""
     tmp = path.with_suffix(".tmp")
+    extra = {} if average is None else {"ema": average.avg, "ema_updates": average.updates}
     torch.save({"format": "rec-ckpt/1", "config": config, "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "best_val": best_val,
-                "provenance": provenance}, tmp)
+                "provenance": provenance, **extra}, tmp)
     if path.exists():
         os.replace(path, path.with_name("ckpt_prev.pt"))
     os.replace(tmp, path)
@@ -110,6 +112,33 @@ class SpikeGuard:
 
     def accept(self, kl: float) -> None:
         self.recent.append(kl)
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point weights and buffers.
+
+    Small-batch SGD leaves the weights jittering around where the loss is low; the average sits
+    nearer the middle, and is what gets exported. The decay ramps up as (1 + n) / (10 + n) over
+    the first updates n, so a fresh average is not dominated by the weights it started from.
+    """
+
+    def __init__(self, model, decay: float, avg: dict | None = None, updates: int = 0):
+        live = unwrap(model).state_dict()
+        self.decay, self.updates = decay, updates
+        self.avg = {k: (avg[k] if avg is not None else t).detach().clone()
+                    for k, t in live.items() if t.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        live = unwrap(model).state_dict()
+        for k, a in self.avg.items():
+            a.lerp_(live[k], 1.0 - decay)
+        self.updates += 1
+
+    def state_dict(self, model) -> dict:
+        """The model's state with the averaged tensors in place of the live ones."""
+        return {**unwrap(model).state_dict(), **self.avg}
 
 
 def rank_max(value: int, world: int, device: torch.device) -> int:

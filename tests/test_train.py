@@ -228,3 +228,34 @@ def test_skipped_batches_leave_the_weights_alone_and_are_counted_in_the_record(p
     (path20,) = (tmp_path / "w20").glob("*.pt")
     weights, weights20 = (torch.load(p, weights_only=True)["state_dict"] for p in (path, path20))
     assert all(torch.equal(weights[k], weights20[k]) for k in weights20)  # the 10 skipped steps changed nothing
+
+
+def test_weight_average_ramps_its_decay_up_then_holds_it():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = run.WeightAverage(model, decay=0.5)
+    expected = torch.zeros(1, 2)
+    for n in range(12):
+        with torch.no_grad():
+            model.weight.fill_(float(n + 1))
+        average.update(model)
+        decay = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.18, ..., then 0.5 from n = 8 on
+        expected = decay * expected + (1 - decay) * (n + 1)
+        assert torch.allclose(average.avg["weight"], expected, rtol=1e-6)
+    assert average.updates == 12 and model.weight[0, 0].item() == 12.0  # the live weights are untouched
+
+
+def test_weight_average_is_checkpointed_resumed_and_exported(photo_dir, tmp_path):
+    common = [f"--data_dir={photo_dir}", f"--export_dir={tmp_path / 'w'}", "--ema_decay=0.9"]
+    assert run_train(*common, f"--out_dir={tmp_path / 'a'}", "--steps=6", "--tag=a") == 0
+    assert run_train(*common, f"--out_dir={tmp_path / 'b'}", "--steps=3") == 0
+    assert run_train(f"--out_dir={tmp_path / 'b'}", "--steps=6", "--resume") == 0
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
+    assert a["ema_updates"] == b["ema_updates"] == 6
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["ema"])
+    (path,) = (tmp_path / "w").glob("pln-a-*.pt")
+    blob = torch.load(path, weights_only=True)
+    assert all(torch.equal(blob["state_dict"][k], a["ema"][k]) for k in a["ema"])
+    assert blob["meta"]["weights"] == "exponential moving average, decay 0.9, 6 updates"
