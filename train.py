@@ -262,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         step, best_val = ckpt["step"], ckpt["best_val"]
     average = None  # a run that turns the average on later starts it from its current weights
     if cfg.ema_decay > 0:
-        kept = ckpt is not None and "ema" in ckpt
-        average = WeightAverage(model, cfg.ema_decay, ckpt["ema"] if kept else None,
-                                ckpt["ema_updates"] if kept else 0)
+        kept = ckpt if ckpt is not None else {}
+        average = WeightAverage(model, cfg.ema_decay, kept.get("ema"), kept.get("ema_updates", 0))
     tag = cfg.tag or Path(cfg.out_dir).name
     if "export" in flags:
         print(export(model, cfg, tag, step, provenance, average))
@@ -323,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             if average is not None:
-                average.update(model)
+                average.update()
             step += 1
             bar.update(1)
 

@@ -224,17 +224,20 @@ class CoderParams:
         changes are applied at once. ValueError (one line) for an unknown key, a value of the
         wrong type, or a combination the params reject.
         """
-        changes: dict[str, dict] = {"": {}, "level1": {}, "level2": {}}
+        level_types, top_types = (
+            {f.name: _SCALAR_TYPES.get(getattr(f.type, "__name__", f.type)) for f in fields(owner)}
+            for owner in (LevelParams, CoderParams))
+        types = {"": top_types, "level1": level_types, "level2": level_types}
+        changes: dict[str, dict] = {head: {} for head in types}
         for item in items:
             key, sep, text = item.partition("=")
             if not sep:
                 raise ValueError(f"expected KEY=VALUE, got {item!r}")
             head, _, name = key.rpartition(".")
-            owner = LevelParams if head else CoderParams
-            types = {f.name: getattr(f.type, "__name__", f.type) for f in fields(owner)}
-            if head not in changes or types.get(name) not in _SCALAR_TYPES:
+            kind = types.get(head, {}).get(name)
+            if kind is None:
                 raise ValueError(f"unknown coder parameter {key!r}")
-            changes[head][name] = _parse_value(key, text, _SCALAR_TYPES[types[name]])
+            changes[head][name] = _parse_value(key, text, kind)
         top = changes.pop("")
         try:
             levels = {k: getattr(self, k).replace(**v) for k, v in changes.items() if v}

@@ -123,17 +123,17 @@ class WeightAverage:
     """
 
     def __init__(self, model, decay: float, avg: dict | None = None, updates: int = 0):
-        live = unwrap(model).state_dict()
+        # the live tensors are held once: the optimizer and load_state_dict update them in place
+        self.live = {k: t for k, t in unwrap(model).state_dict().items() if t.is_floating_point()}
         self.decay, self.updates = decay, updates
-        self.avg = {k: (avg[k] if avg is not None else t).detach().clone()
-                    for k, t in live.items() if t.is_floating_point()}
+        self.avg = {k: (avg[k] if avg is not None else t).detach().clone() for k, t in self.live.items()}
 
     @torch.no_grad()
-    def update(self, model) -> None:
+    def update(self) -> None:
+        """Fold in the model's current weights (call after each optimizer step)."""
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        live = unwrap(model).state_dict()
         for k, a in self.avg.items():
-            a.lerp_(live[k], 1.0 - decay)
+            a.lerp_(self.live[k], 1.0 - decay)
         self.updates += 1
 
     def state_dict(self, model) -> dict:

@@ -71,9 +71,8 @@ def sample_stats(z, q_loc, q_scale, p_loc, p_scale, outlier_bits: float) -> dict
             "resid_var_robust": (r * r).median().item() / 0.4549}  # chi2_1 median = 0.4549
 
 
-def bench(preset: str, bpp: float, runs: int, device: str, seed: int = 1,
-          overrides: list[str] = ()) -> dict:
-    params = CoderParams.preset(preset).with_overrides(list(overrides))
+def bench(preset: str, params: CoderParams, bpp: float, runs: int, device: str, seed: int = 1) -> dict:
+    """`params`: the preset's, with any --set changes."""
     torch.manual_seed(int(bpp * 1000))  # torch.distributions.Gamma samples from the global RNG
     gen = torch.Generator().manual_seed(int(bpp * 1000))
     total_bits = bpp * PIXELS
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": []}
     for preset in args.presets:
         for bpp in args.bpp:
-            r = bench(preset, bpp, args.runs, args.device, overrides=args.set)
+            r = bench(preset, params[preset], bpp, args.runs, args.device)
             report["results"].append(r)
             t = r["total"]
             print(f"{preset:7s} {bpp:.2f} bpp: enc {t['encode_s']:.2f}s dec {t['decode_s']:.3f}s "

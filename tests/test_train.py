@@ -239,7 +239,7 @@ def test_weight_average_ramps_its_decay_up_then_holds_it():
     for n in range(12):
         with torch.no_grad():
             model.weight.fill_(float(n + 1))
-        average.update(model)
+        average.update()
         decay = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.18, ..., then 0.5 from n = 8 on
         expected = decay * expected + (1 - decay) * (n + 1)
         assert torch.allclose(average.avg["weight"], expected, rtol=1e-6)
