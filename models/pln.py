@@ -65,7 +65,7 @@ class LadderVAE(LatentVariableModel):
             h = torch.cat([h, self.skip1(e1), self.skip2(e2)], dim=1)
         loc1 = self.loc_head(h)
         a = self.h_a(loc1)
-        min_scale = torch.tensor(self.cfg.log_scale_min).exp()
+        min_scale = torch.tensor(self.cfg.log_scale_min).exp().item()  # the float32 value, any device
         return {
             "loc1": loc1.float(),
             "scale1": bounded_scale(self.scale_head(h), self.cfg),

@@ -126,7 +126,8 @@ class WeightAverage:
         # the live tensors are held once: the optimizer and load_state_dict update them in place
         self.live = {k: t for k, t in unwrap(model).state_dict().items() if t.is_floating_point()}
         self.decay, self.updates = decay, updates
-        self.avg = {k: (avg[k] if avg is not None else t).detach().clone() for k, t in self.live.items()}
+        # kept where the model is (a checkpoint is loaded on the CPU; the model may be on a GPU)
+        self.avg = {k: torch.empty_like(t).copy_(avg[k] if avg is not None else t) for k, t in self.live.items()}
 
     @torch.no_grad()
     def update(self) -> None:

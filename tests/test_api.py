@@ -294,3 +294,20 @@ def test_save_png_roundtrips_pixels(tmp_path):
     y, notes = load_image(tmp_path / "a.png")
     np.testing.assert_array_equal(y, x)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+# ---- CUDA (skipped without a GPU) -------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["pln", "vae"])
+def test_cuda_decoder_reproduces_the_cuda_encoders_pixels_and_cpu_differs_by_rounding_only(models_dir, arch):
+    gpu_store = ModelStore(device="cuda", dirs=[models_dir])
+    model, ref = gpu_store.load(next(models_dir.glob(f"{arch}-*.pt")))
+    x = image(37, 53)
+    data, x_hat, _ = compress_image(model, x, model_ref=ref, seed=5, params=SMALL, device="cuda")
+    y, _ = decompress(data, gpu_store, device="cuda")
+    np.testing.assert_array_equal(y, x_hat)
+    y_cpu, _ = decompress(data, ModelStore(dirs=[models_dir]))
+    assert np.abs(y_cpu.astype(int) - y.astype(int)).max() <= 1

@@ -305,3 +305,20 @@ def test_kl_is_computed_in_prior_standardised_space():
     m, v = standardise(q_loc, q_scale, p_loc, p_scale)
     expect = math.log(2.0 / 0.5) + (0.25 + 4.0) / 8.0 - 0.5
     assert kl_nats(m, v).item() == pytest.approx(expect, rel=1e-12)
+
+
+# ---- CUDA (skipped without a GPU) -------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("level", [1, 2])
+def test_cuda_round_trip_is_bit_exact_and_its_bytes_decode_to_the_same_sample_on_cpu(level):
+    q_cpu = targets((1, 8, 12, 10), 1.5)
+    z, data, _ = roundtrip(*(t.cuda() for t in q_cpu), level)
+    z_cpu = decode_level(q_cpu[2], q_cpu[3], data, seed=3, level=level, params=SMALL)
+    assert torch.equal(z_cpu, z.cpu())
+    # and the other way: bytes written on the CPU decode on the GPU to the CPU's sample
+    z_enc, data_cpu = encode_level(*q_cpu, seed=3, level=level, params=SMALL)
+    z_gpu = decode_level(q_cpu[2].cuda(), q_cpu[3].cuda(), data_cpu, seed=3, level=level, params=SMALL)
+    assert torch.equal(z_gpu.cpu(), z_enc)

@@ -228,6 +228,11 @@ def test_skipped_batches_leave_the_weights_alone_and_are_counted_in_the_record(p
     (path20,) = (tmp_path / "w20").glob("*.pt")
     weights, weights20 = (torch.load(p, weights_only=True)["state_dict"] for p in (path, path20))
     assert all(torch.equal(weights[k], weights20[k]) for k in weights20)  # the 10 skipped steps changed nothing
+    # during the KL warm-up nothing counts as a spike
+    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'warm'}", f"--export_dir={tmp_path / 'ww'}",
+                     "--steps=30", "--kl_warmup=30", "--kl_spike=1e-9", "--max_bad_steps=5") == 0
+    (path_warm,) = (tmp_path / "ww").glob("*.pt")
+    assert torch.load(path_warm, weights_only=True)["meta"]["training"]["segments"][0]["skipped"] == 0
 
 
 def test_weight_average_ramps_its_decay_up_then_holds_it():
@@ -259,3 +264,22 @@ def test_weight_average_is_checkpointed_resumed_and_exported(photo_dir, tmp_path
     blob = torch.load(path, weights_only=True)
     assert all(torch.equal(blob["state_dict"][k], a["ema"][k]) for k in a["ema"])
     assert blob["meta"]["weights"] == "exponential moving average, decay 0.9, 6 updates"
+
+
+def test_weight_average_is_kept_on_the_models_device_dtype_and_layout():
+    model = torch.nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    saved = {k: t.double().contiguous() for k, t in model.state_dict().items()}  # as a checkpoint might hold it
+    average = run.WeightAverage(model, decay=0.9, avg=saved)
+    for k, t in model.state_dict().items():
+        a = average.avg[k]
+        assert (a.device, a.dtype, a.stride()) == (t.device, t.dtype, t.stride()) and torch.equal(a, t)
+    average.update()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_with_a_weight_average_resumes(photo_dir, tmp_path):
+    common = [f"--data_dir={photo_dir}", f"--export_dir={tmp_path / 'w'}", "--ema_decay=0.9", "--device=cuda"]
+    assert run_train(*common, f"--out_dir={tmp_path / 'b'}", "--steps=3") == 0
+    assert run_train(f"--out_dir={tmp_path / 'b'}", "--steps=6", "--resume") == 0
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["ema_updates"] == 6
