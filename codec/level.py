@@ -206,7 +206,7 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     group_kl_bits = (group_kl / math.log(2)).cpu().numpy()
     lens = index_lengths(group_kl_bits, lp) if lp.adaptive else None
     common = dict(seed=seed, level=level, bits=lp.index_bits,
-                  memory_bytes=params.memory_mb << 20, gemm_dtype=params.gemm_torch_dtype)
+                  memory_bytes=params.memory_bytes(device), gemm_dtype=params.gemm_torch_dtype)
     if lp.sampler == "greedy":
         steps_t = None if lens is None else torch.from_numpy(lens).to(device)
         idx, x = greedy.encode(m[cod_pos], v[cod_pos], sizes_t, steps=lp.steps,

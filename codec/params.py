@@ -114,7 +114,9 @@ class CoderParams:
     pool_width: int = 128  # greedy block width in the shared pool (power of two)
     pool_windows: int = 8  # greedy pool = 2^b rows x pool_windows * pool_width columns
     outlier_range: float = 32.0  # outliers quantised on [-R, R] (prior-standardised units)
-    memory_mb: int = 256  # score chunks are sized to stay around this
+    # score chunks are sized to stay around this many MB; 0 = 256 on the CPU, 4096 on a GPU (an H100
+    # ran level 2 of `thesis` at 0.5 bpp in 0.22 s instead of 0.58 s with fewer, larger chunks)
+    memory_mb: int = 0
     gemm_dtype: str = "float32"  # "bfloat16" may be faster on GPUs; can flip near-ties
 
     def __post_init__(self):
@@ -128,6 +130,8 @@ class CoderParams:
                 raise ValueError("greedy groups may span at most 255 pool blocks")
         if self.gemm_dtype not in ("float32", "bfloat16"):
             raise ValueError("gemm_dtype must be 'float32' or 'bfloat16'")
+        if self.memory_mb < 0:
+            raise ValueError("memory_mb must be >= 0 (0 = chosen by device)")
 
     @classmethod
     def preset(cls, name: str) -> "CoderParams":
@@ -216,6 +220,10 @@ class CoderParams:
 
     def replace(self, **changes) -> "CoderParams":
         return replace(self, **changes)
+
+    def memory_bytes(self, device: torch.device) -> int:
+        """The encoder's score-memory budget on `device` (it never changes the bytes written)."""
+        return (self.memory_mb or (4096 if device.type == "cuda" else 256)) << 20
 
     def with_overrides(self, items: list[str]) -> "CoderParams":
         """These params with `KEY=VALUE` changes, e.g. "level2.sampler=greedy", "memory_mb=512".

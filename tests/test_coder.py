@@ -65,6 +65,14 @@ def test_bytes_do_not_depend_on_memory_budget():
     assert a == b and c == d
 
 
+def test_memory_budget_follows_the_device_unless_set():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert CoderParams().memory_bytes(cpu) == 256 << 20 and CoderParams().memory_bytes(cuda) == 4096 << 20
+    assert CoderParams(memory_mb=64).memory_bytes(cuda) == 64 << 20
+    with pytest.raises(ValueError, match="memory_mb"):
+        CoderParams(memory_mb=-1)
+
+
 def test_greedy_code_length_is_close_to_kl():
     _, data, st = roundtrip(*targets((1, 32, 16, 16), 1.0), 1)
     assert st["bits"] == 8 * len(data)
