@@ -114,8 +114,8 @@ class CoderParams:
     pool_width: int = 128  # greedy block width in the shared pool (power of two)
     pool_windows: int = 8  # greedy pool = 2^b rows x pool_windows * pool_width columns
     outlier_range: float = 32.0  # outliers quantised on [-R, R] (prior-standardised units)
-    # score chunks are sized to stay around this many MB; 0 = 256 on the CPU, 4096 on a GPU (an H100
-    # ran level 2 of `thesis` at 0.5 bpp in 0.22 s instead of 0.58 s with fewer, larger chunks)
+    # score chunks are sized to stay around this many MB; 0 = 256 on the CPU, 4096 on a GPU (at most a
+    # quarter of its free memory): an H100 ran level 2 of `thesis` at 0.5 bpp in 0.22 s instead of 0.58 s
     memory_mb: int = 0
     gemm_dtype: str = "float32"  # "bfloat16" may be faster on GPUs; can flip near-ties
 
@@ -223,7 +223,11 @@ class CoderParams:
 
     def memory_bytes(self, device: torch.device) -> int:
         """The encoder's score-memory budget on `device` (it never changes the bytes written)."""
-        return (self.memory_mb or (4096 if device.type == "cuda" else 256)) << 20
+        if self.memory_mb:
+            return self.memory_mb << 20
+        if device.type == "cuda":  # 4 GB, or a quarter of the free memory of a smaller GPU
+            return min(4096 << 20, torch.cuda.mem_get_info(device)[0] // 4)
+        return 256 << 20
 
     def with_overrides(self, items: list[str]) -> "CoderParams":
         """These params with `KEY=VALUE` changes, e.g. "level2.sampler=greedy", "memory_mb=512".
