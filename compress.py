@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads (default: torch's); 1 is often faster on a busy machine")
         s.add_argument("--force", action="store_true", help="overwrite existing outputs")
         s.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
+    models = sub.add_parser("models", help="list the model files found ($REC_MODEL_DIR, weights/)")
+    models.add_argument("--json", action="store_true", help="one JSON object per model")
     info = sub.add_parser("info", help="print .rec headers as JSON")
     info.add_argument("inputs", nargs="+", metavar="IN.rec")
     info.add_argument("--json", action="store_true", help="compact, one object per line")
@@ -255,6 +257,34 @@ def cmd_info(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_models(args) -> int:
+    from codec import api
+
+    files, default = api.list_models()
+    if not files:
+        raise UsageError("no model files in " + ", ".join(str(d) for d in api.model_dirs()))
+    failed = 0
+    for path in files:
+        try:
+            d = {**api.describe_model(path), "default": path == default}
+        except Exception as e:  # a broken file is named, the others still listed
+            failed += 1
+            _say(f"error: {path}: not a readable model file ({type(e).__name__})", err=True)
+            continue
+        if args.json:
+            print(json.dumps(d))
+            continue
+        beta = f", β={d['beta']:g}" if d["beta"] is not None else ""  # recorded by exports since 2026-11
+        trained = "no training record"
+        if d["steps"]:
+            trained = (f"{d['steps']} steps{' from ' + d['init_from'] if d['init_from'] else ''}, "
+                       f"{d['minutes']:g} min on {d['hardware']}; on training crops "
+                       f"{d['train_kl_bpp']:.3f} bpp, {d['train_psnr']:.1f} dB")
+        print(f"{d['name']}{' (default)' if d['default'] else ''}: {d['arch']} N={d['channels']}, "
+              f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}; {trained}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -268,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info}[args.command](args)
+        commands = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "models": cmd_models}
+        return commands[args.command](args)
     except UsageError as e:
         print(f"compress.py: error: {e}", file=sys.stderr)
         return 2

@@ -199,7 +199,7 @@ def export(model, cfg: TrainConfig, tag: str, step: int, provenance: dict,
            average: WeightAverage | None) -> Path:
     """The model file: the weight average when the run keeps one (loaded into `model`)."""
     record = training_record(cfg.out_dir, step, provenance, cfg.init_from)
-    meta = {"step": step, "training": record}
+    meta = {"step": step, "training": record, "train_config": asdict(cfg)}  # β, crops, lr, data folder
     if average is not None:
         model.load_state_dict(average.state_dict(model))
         meta["weights"] = f"exponential moving average, decay {average.decay}, {average.updates} updates"

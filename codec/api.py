@@ -245,6 +245,31 @@ def _model_files(dirs: list[Path]) -> list[Path]:
     return files
 
 
+def describe_model(path: Path) -> dict:
+    """What a model file says about itself (architecture, size, training record), without building it."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta, config = blob.get("meta", {}), blob.get("config", {})
+    record = meta.get("training") or {}
+    segments, terms = record.get("segments") or [], record.get("final_terms") or {}
+    return {"name": path.stem, "path": str(path), "arch": blob.get("arch"), "channels": config.get("channels"),
+            "parameters": sum(t.numel() for t in blob["state_dict"].values()),
+            "megabytes": round(path.stat().st_size / 1e6, 1),
+            "beta": (meta.get("train_config") or {}).get("beta"), "steps": record.get("steps"),
+            "minutes": record.get("minutes"), "hardware": segments[-1].get("hardware") if segments else None,
+            "init_from": (record.get("init") or {}).get("from"),
+            "train_kl_bpp": terms.get("kl_bpp"), "train_psnr": terms.get("psnr")}
+
+
+def list_models(dirs: list[Path] | None = None) -> tuple[list[Path], Path | None]:
+    """The model files in `dirs` (see model_dirs) and the default one, if any."""
+    dirs = model_dirs() if dirs is None else dirs
+    try:
+        default = find_model(None, dirs)
+    except ModelNotFoundError:
+        default = None
+    return _model_files(dirs), default
+
+
 def find_model(arg: str | None, dirs: list[Path] | None = None) -> Path:
     """The model file for `--model`: a path, a file name/stem, or a hex SHA-256 prefix (>= 4 digits)
     found in `dirs`; with no argument the file named by `DEFAULT` in one of `dirs`."""

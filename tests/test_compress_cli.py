@@ -158,6 +158,28 @@ def test_encode_converts_odd_modes_and_says_so(tmp_path, capsys, mode, note):
 # ---- bad inputs -----------------------------------------------------------------------------------
 
 
+def test_models_lists_every_model_file_and_marks_the_default(capsys, weights, tmp_path, monkeypatch):
+    second = tiny_model_file(weights, seed=1)
+    try:
+        code, out, err = run(capsys, "models")
+        assert code == 0 and err == ""
+        lines = out.splitlines()
+        assert len(lines) == 2 and sum("(default)" in line for line in lines) == 1
+        assert all(": pln N=16, " in line and "no training record" in line for line in lines)
+        code, out, _ = run(capsys, "models", "--json")
+        docs = {d["name"]: d for d in map(json.loads, out.splitlines())}
+        assert docs[second.stem]["default"] is False and docs[second.stem]["parameters"] > 0
+        (weights / "broken.pt").write_bytes(b"not a model")
+        code, out, err = run(capsys, "models")
+        assert code == 1 and len(out.splitlines()) == 2 and "broken.pt: not a readable model file" in err
+    finally:
+        second.unlink()
+        (weights / "broken.pt").unlink(missing_ok=True)
+    monkeypatch.setenv("REC_MODEL_DIR", str(tmp_path))
+    code, _, err = run(capsys, "models")
+    assert code == 2 and "no model files in" in err
+
+
 def test_missing_input(tmp_path, capsys):
     code, _, err = encode(capsys, tmp_path / "nope.png")
     assert code == 1

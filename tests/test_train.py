@@ -115,6 +115,7 @@ def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
     assert "fp32, torch" in record["segments"][0]["hardware"] and record["init"] is None
     assert set(record["final_terms"]) == set(run.FINAL_TERMS)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert blob["meta"]["train_config"] == {k: v for k, v in config.items() if k in train.TRAIN_KEYS}
     assert config["crop"] == 64 and config["arch"] == "pln"
 
 
