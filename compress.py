@@ -278,8 +278,9 @@ def cmd_models(args) -> int:
         trained = "no training record"
         if d["steps"]:
             trained = (f"{d['steps']} steps{' from ' + d['init_from'] if d['init_from'] else ''}, "
-                       f"{d['minutes']:g} min on {d['hardware']}; on training crops "
-                       f"{d['train_kl_bpp']:.3f} bpp, {d['train_psnr']:.1f} dB")
+                       f"{d['minutes']} min on {d['hardware'] or 'unrecorded hardware'}")
+            if d["train_kl_bpp"] is not None and d["train_psnr"] is not None:
+                trained += f"; on training crops {d['train_kl_bpp']:.3f} bpp, {d['train_psnr']:.1f} dB"
         print(f"{d['name']}{' (default)' if d['default'] else ''}: {d['arch']} N={d['channels']}, "
               f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}; {trained}")
     return 1 if failed else 0

@@ -159,13 +159,19 @@ def test_encode_converts_odd_modes_and_says_so(tmp_path, capsys, mode, note):
 
 
 def test_models_lists_every_model_file_and_marks_the_default(capsys, weights, tmp_path, monkeypatch):
-    second = tiny_model_file(weights, seed=1)
+    torch.manual_seed(1)
+    cfg = ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4)
+    record = {"steps": 7, "minutes": 0.5, "segments": [{"hardware": "a test rig"}], "final_terms": {}}
+    second = save_model(build_model(cfg), weights, "trained", meta={"training": record,
+                                                                    "train_config": {"beta": 0.25}})
     try:
         code, out, err = run(capsys, "models")
         assert code == 0 and err == ""
         lines = out.splitlines()
         assert len(lines) == 2 and sum("(default)" in line for line in lines) == 1
-        assert all(": pln N=16, " in line and "no training record" in line for line in lines)
+        assert all(": pln N=16, " in line for line in lines)
+        assert sum("no training record" in line for line in lines) == 1
+        assert any(", β=0.25; 7 steps, 0.5 min on a test rig" in line for line in lines)
         code, out, _ = run(capsys, "models", "--json")
         docs = {d["name"]: d for d in map(json.loads, out.splitlines())}
         assert docs[second.stem]["default"] is False and docs[second.stem]["parameters"] > 0
