@@ -50,6 +50,8 @@ class LadderVAE(LatentVariableModel):
         self.prior_loc_head = DeconvUS(m, f, stride=1, leaky_slope=slope)
         self.prior_scale_head = DeconvUS(m, f, stride=1, leaky_slope=slope)
         self.g_s = synthesis(f, n)
+        # the level-2 posterior scale's floor, as a Python float holding the float32 value (any device)
+        self.min_scale2 = torch.tensor(cfg.log_scale_min).exp().item()
 
     def latent_shape(self, level: int, height: int, width: int) -> tuple[int, int, int]:
         ph, pw = self.pad_size(height, width)
@@ -65,12 +67,11 @@ class LadderVAE(LatentVariableModel):
             h = torch.cat([h, self.skip1(e1), self.skip2(e2)], dim=1)
         loc1 = self.loc_head(h)
         a = self.h_a(loc1)
-        min_scale = torch.tensor(self.cfg.log_scale_min).exp().item()  # the float32 value, any device
         return {
             "loc1": loc1.float(),
             "scale1": bounded_scale(self.scale_head(h), self.cfg),
             "loc2": self.loc2_head(a).float(),
-            "scale2": torch.sigmoid(self.scale2_head(a).float()).clamp(min=min_scale),
+            "scale2": torch.sigmoid(self.scale2_head(a).float()).clamp(min=self.min_scale2),
         }
 
     def prior(self, level, z_above, shape):
