@@ -40,6 +40,9 @@ def shard_table(steps: int, decay: float = 1.0) -> torch.Tensor:
     return t
 
 
+_DECODE_CHUNK = 1 << 18  # pool values per batch of steps: cache-sized (one step of level 1)
+
+
 def _group_chunks(n_groups: int, n_rows: int, memory_bytes: int):
     per = max(1, memory_bytes // (4 * 4 * n_rows))  # scores + GEMM output + slack
     for g0 in range(0, n_groups, per):
@@ -121,30 +124,40 @@ def decode(
 ) -> torch.Tensor:
     """Rebuild the float32 sample from the indices: only the chosen pool entries are hashed.
 
-    Works per pool block (one chosen row each), in the layout's slot space, and gathers the
-    coded dims out of it once at the end: the same per-dim float ops as the encoder.
+    Works on (step, block) pairs, a cache-sized batch of steps at a time (one chosen row per
+    pair), in the layout's slot space, and gathers the coded dims out of it once at the end:
+    the same per-dim float ops, in the same order, as the encoder.
     """
     device = indices.device
     lay = pool.make_layout(sizes, width, device, windows)
     if group_steps is None:
         group_steps = torch.full((lay.n_groups,), steps, dtype=torch.int64, device=device)
+    nb = lay.block_group.numel()
     block_steps = group_steps.to(device)[lay.block_group]
     scales = shard_table(steps, decay).to(device)
-    z = torch.zeros(lay.block_group.numel(), width, dtype=torch.float32, device=device)
-    for step in range(int(group_steps.max()) if lay.n_groups else 0):
-        local, sign_bit, window, shift = pool.block_scramble(seed, level, step, lay)
-        active = torch.nonzero(block_steps > step).squeeze(1)
-        everyone = active.numel() == block_steps.numel()
-        if not everyone:  # only blocks of groups still walking
-            local, sign_bit, window, shift = local[active], sign_bit[active], window[active], shift[active]
-        rows = (indices[lay.block_group[active], step] + shift) & ((1 << bits) - 1)
-        # A block reads all `width` columns of its window in its chosen row (one hash per two).
-        x = rng.pool_windows(seed, level, rows, window, width).gather(1, local)
-        x.mul_(1 - 2 * sign_bit.to(torch.float32))
-        x.mul_(scales[block_steps[active] - 1, step][:, None])  # z + x * s: two roundings, as encoded
-        if everyone:
-            z.add_(x)
-        else:
-            z[active] += x
+    z = torch.zeros(nb, width, dtype=torch.float32, device=device)
+    n_steps = int(group_steps.max()) if lay.n_groups else 0
+    per = max(1, _DECODE_CHUNK // max(1, nb * width))  # steps per batch: bounded memory
+    for s0 in range(0, n_steps, per):
+        # every (step, block) pair still walking in steps s0.., ordered by step
+        step, block = torch.nonzero(block_steps[None, :] > torch.arange(
+            s0, min(n_steps, s0 + per), device=device)[:, None], as_tuple=True)
+        step = step + s0
+        local, sign_bit, window, shift = pool.pair_scramble(seed, level, step, block, lay)
+        rows = (indices[lay.block_group[block], step] + shift) & ((1 << bits) - 1)
+        # A block reads all `width` columns of its window in its chosen row (one hash per two),
+        # permuted; the scramble's sign flips bit 31, which negates the normal exactly.
+        words = rng.pool_window_bits(seed, level, rows, window, width).gather(1, local)
+        x = rng.normal_from_bits(words.bitwise_xor_(sign_bit.bitwise_left_shift_(31)))
+        x.mul_(scales[block_steps[block] - 1, step][:, None])  # z + x * s: two roundings, as encoded
+        # add the steps in order, as the encoder did
+        counts = torch.bincount(step - s0, minlength=per).tolist()
+        start = 0
+        for n in counts:
+            if n == nb:
+                z.add_(x[start : start + n])
+            elif n:
+                z[block[start : start + n]] += x[start : start + n]
+            start += n
     z = z.view(-1)
     return z if lay.dim_slot is None else z[lay.dim_slot]

@@ -77,21 +77,32 @@ def block_scramble(seed: int, level: int, step: int, lay: Layout):
     """Per block and slot u < width: column inside the block's pool window (nb, width) and sign
     bit (nb, width), plus the pool window and row shift of every block (nb,). Slots past a group's
     last dim are unused."""
+    blocks = torch.arange(lay.block_group.numel(), device=lay.block_group.device)
+    return pair_scramble(seed, level, torch.full_like(blocks, step), blocks, lay)
+
+
+def pair_scramble(seed: int, level: int, steps: torch.Tensor, blocks: torch.Tensor, lay: Layout):
+    """block_scramble for a list of (step, block) pairs: (P, width) columns and sign bits, (P,)
+    windows and row shifts. Pairs are in (step, block) order and hold every block of a group
+    whenever they hold one (the decoder batches the blocks still walking, step by step)."""
     w = lay.width
     n_words = 1 + (w + 63) // 64
-    words = rng.scramble_words(seed, level, lay.block_group, step, lay.block_index, n_words)
+    group, index = lay.block_group[blocks], lay.block_index[blocks]
+    words = rng.scramble_words(seed, level, group, steps, index, n_words)
     w0 = words[:, 0]
     mult = ((w0 & (w // 2 - 1)) << 1) | 1  # odd, so u -> mult*u + add is a bijection mod w
     add = rng._srl(w0, 16) & (w - 1)
-    first_w0 = w0[lay.group_first_block] if lay.n_groups else w0[:0]
-    window = (rng._srl(first_w0, 24) % lay.n_windows)[lay.block_group]
-    block_window = (window + lay.block_index) % lay.n_windows
-    # Broadcast over (block, slot): no per-dim gathers.
+    # The group's window offset comes from word 0 of its first block (index 0) at this step.
+    # A group's blocks are consecutive and walk the same steps, so when pairs are in (step,
+    # block) order its first block sits `index` pairs earlier.
+    first_w0 = w0[torch.arange(w0.numel(), device=w0.device) - index]
+    window = (rng._srl(first_w0, 24) % lay.n_windows + index) % lay.n_windows
+    # Broadcast over (pair, slot), in place: no per-dim gathers, no multi-MB temporaries.
     u = torch.arange(w, device=w0.device)
-    local = (mult[:, None] * u + add[:, None]) & (w - 1)
-    sign_words = words[:, 1:].repeat_interleave(64, dim=1)[:, :w]
-    sign_bit = (sign_words >> (u % 64)) & 1
-    return local, sign_bit, block_window, lay.block_index // lay.n_windows
+    local = (mult[:, None] * u).add_(add[:, None]).bitwise_and_(w - 1)
+    sign_bit = words[:, 1:].repeat_interleave(64, dim=1)[:, :w].contiguous()
+    sign_bit.bitwise_right_shift_(u % 64).bitwise_and_(1)
+    return local, sign_bit, window, index // lay.n_windows
 
 
 def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:

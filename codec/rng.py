@@ -10,6 +10,8 @@ CPU and CUDA) are used: integers AND float normals are bit-identical across devi
 Bump RNG_VERSION on ANY change that alters a value (tests/expected/rng_v1.json guards it).
 """
 
+import sys
+
 import torch
 
 RNG_VERSION = 1
@@ -102,6 +104,7 @@ def hash64(seed: int, counters: torch.Tensor) -> torch.Tensor:
 # --- N(0,1) from 32 hash bits: sign | 16-bit cell | 15-bit fraction -------------------------
 # |z| = H(v) = Phi^-1((1+v)/2) is a piecewise-linear interpolation of a 2^16-cell quantile
 # table; the outermost cell (prob 2^-16) uses a 2^15-entry tail table reaching |z| ~ 6.
+# The sign is applied by flipping the float's sign bit: exact, and the same on every device.
 
 
 def _build_tables() -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +142,9 @@ def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: tor
     in_tail = cell == 65535
     if bool(in_tail.any()):
         out[in_tail] = tail[tmp[in_tail]]
-    sign = torch.bitwise_right_shift(bits, 31, out=tmp).bitwise_and_(1).mul_(-2).add_(1)
-    out.mul_(sign.to(torch.float32))  # exact sign flip
+    # bit 31 of `bits` onto the float's sign bit (int64 -> int32 keeps the low 32 bits)
+    sign = torch.bitwise_and(bits, 0x80000000, out=tmp).to(torch.int32)
+    out.view(torch.int32).bitwise_xor_(sign)
 
 
 def normal_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -216,11 +220,21 @@ def pool_windows(seed: int, level: int, rows: torch.Tensor, windows: torch.Tenso
                  width: int) -> torch.Tensor:
     """(nb, width) float32: pool row rows[b], columns windows[b] * width ... + width - 1.
 
-    Equal to pool_entries entry by entry, with one hash per two columns (as pool_block): the
-    decoder's hot loop, where every block reads a whole window of one chosen row."""
+    Equal to pool_entries entry by entry, with one hash per two columns (as pool_block)."""
+    return normal_from_bits(pool_window_bits(seed, level, rows, windows, width))
+
+
+def pool_window_bits(seed: int, level: int, rows: torch.Tensor, windows: torch.Tensor,
+                     width: int) -> torch.Tensor:
+    """The 32 random bits behind each entry of pool_windows, (nb, width) int64: the decoder's
+    hot loop permutes and signs these before turning them into normals (flipping bit 31
+    negates the normal exactly)."""
     half = width // 2
     pairs = (windows.to(torch.int64) * half)[:, None] + torch.arange(half, device=rows.device)
-    return normal_pairs(seed, pool_counters(level, rows[:, None], pairs)).view(-1, width)
+    h = hash64(seed, pool_counters(level, rows[:, None], pairs))  # (nb, half)
+    if sys.byteorder == "little":  # each int64 viewed as its (low, high) int32 halves
+        return h.view(torch.int32).view(-1, width).to(torch.int64)  # sign-extended: bits 0-31 kept
+    return torch.stack([h & 0xFFFFFFFF, _srl(h, 32)], dim=2).view(-1, width)
 
 
 def pool_block(seed: int, level: int, row0: int, n_rows: int, n_cols: int, device) -> torch.Tensor:
@@ -233,10 +247,17 @@ def pool_block(seed: int, level: int, row0: int, n_rows: int, n_cols: int, devic
 
 
 def scramble_words(
-    seed: int, level: int, groups: torch.Tensor, step: int, blocks: torch.Tensor, n_words: int
+    seed: int, level: int, groups: torch.Tensor, step: int | torch.Tensor, blocks: torch.Tensor,
+    n_words: int
 ) -> torch.Tensor:
-    """(..., n_words) int64 hashes keyed by (group, step, block): permutation, signs, offsets."""
-    if step >= 1 << STEP_BITS or n_words > 1 << WORD_BITS:
+    """(..., n_words) int64 hashes keyed by (group, step, block): permutation, signs, offsets.
+
+    `step` is an int or a tensor broadcasting with `groups` and `blocks`."""
+    if torch.is_tensor(step):
+        max_step = int(step.max()) if step.numel() else 0
+    else:
+        max_step = step
+    if max_step >= 1 << STEP_BITS or n_words > 1 << WORD_BITS:
         raise ValueError("step or word count too large for the counter layout")
     base = _signed(counter_base(SCRAMBLE, level))
     key = (

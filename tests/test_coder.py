@@ -65,6 +65,16 @@ def test_bytes_do_not_depend_on_memory_budget():
     assert a == b and c == d
 
 
+def test_greedy_decode_does_not_depend_on_how_steps_are_batched(monkeypatch):
+    from codec import greedy
+
+    q = targets((1, 8, 16, 16), 1.0)
+    z, data, _ = roundtrip(*q, 1)  # adaptive: groups walk unequal numbers of steps
+    for chunk in (1, 5000):  # one step at a time; a few steps per batch
+        monkeypatch.setattr(greedy, "_DECODE_CHUNK", chunk)
+        assert torch.equal(decode_level(q[2], q[3], data, seed=3, level=1, params=SMALL), z)
+
+
 def test_memory_budget_follows_the_device_unless_set():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert CoderParams().memory_bytes(cpu) == 256 << 20
