@@ -79,11 +79,22 @@ def counter_base(domain: int, level: int) -> int:
 
 CHUNK = 1 << 15  # elements per in-place chunk: cache-sized, and at torch's parallel grain size
 # so these small ops run serially (OpenMP sync per tiny op costs 20x on a busy machine)
+GPU_CHUNK = 1 << 22  # on a GPU, kernel launches cost more than cache misses (not yet timed on one)
 
 
-def _chunks(n: int):
-    for i in range(0, n, CHUNK):
-        yield i, min(i + CHUNK, n)
+def _chunk(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else GPU_CHUNK
+
+
+def _tail_without_sync(device: torch.device) -> bool:
+    """On a GPU, `if mask.any()` would wait for the device once per chunk."""
+    return device.type != "cpu"
+
+
+def _chunks(n: int, device: torch.device):
+    step = _chunk(device)
+    for i in range(0, n, step):
+        yield i, min(i + step, n)
 
 
 def _hash_(x: torch.Tensor, tmp: torch.Tensor, key: int) -> torch.Tensor:
@@ -95,8 +106,8 @@ def hash64(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """int64 hash of each counter (any shape), keyed by the file seed."""
     key = _signed(seed_key(seed))
     out = counters.to(torch.int64).flatten().clone()
-    tmp = torch.empty(min(CHUNK, out.numel()), dtype=torch.int64, device=out.device)
-    for i, j in _chunks(out.numel()):
+    tmp = torch.empty(min(_chunk(out.device), out.numel()), dtype=torch.int64, device=out.device)
+    for i, j in _chunks(out.numel(), out.device):
         _hash_(out[i:j], tmp[: j - i], key)
     return out.view(counters.shape)
 
@@ -140,7 +151,9 @@ def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: tor
     out.mul_(torch.bitwise_and(bits, 0x7FFF, out=tmp))  # times the 15-bit fraction (exact in fp32)
     out.add_(lo)  # lo + (hi - lo) * frac as separately rounded ops: the same on every device
     in_tail = cell == 65535
-    if bool(in_tail.any()):
+    if _tail_without_sync(bits.device):  # gather a tail value for every entry instead
+        torch.where(in_tail, tail[tmp], out, out=out)
+    elif bool(in_tail.any()):
         out[in_tail] = tail[tmp[in_tail]]
     # bit 31 of `bits` onto the float's sign bit (int64 -> int32 keeps the low 32 bits)
     sign = torch.bitwise_and(bits, 0x80000000, out=tmp).to(torch.int32)
@@ -151,10 +164,10 @@ def normal_from_bits(bits: torch.Tensor) -> torch.Tensor:
     """float32 N(0,1) from the low 32 bits of each int64 in `bits` (any shape)."""
     flat = bits.flatten()
     out = torch.empty(flat.shape, dtype=torch.float32, device=bits.device)
-    n = min(CHUNK, flat.numel())
+    n = min(_chunk(flat.device), flat.numel())
     cell, tmp = (torch.empty(n, dtype=torch.int64, device=bits.device) for _ in range(2))
     lo = torch.empty(n, dtype=torch.float32, device=bits.device)
-    for i, j in _chunks(flat.numel()):
+    for i, j in _chunks(flat.numel(), flat.device):
         m = j - i
         _normal_(flat[i:j], out[i:j], cell[:m], tmp[:m], lo[:m])
     return out.view(bits.shape)
@@ -165,10 +178,10 @@ def normals(seed: int, counters: torch.Tensor) -> torch.Tensor:
     key = _signed(seed_key(seed))
     flat = counters.to(torch.int64).flatten()
     out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    n = min(CHUNK, flat.numel())
+    n = min(_chunk(flat.device), flat.numel())
     h, cell, tmp = (torch.empty(n, dtype=torch.int64, device=flat.device) for _ in range(3))
     lo = torch.empty(n, dtype=torch.float32, device=flat.device)
-    for i, j in _chunks(flat.numel()):
+    for i, j in _chunks(flat.numel(), flat.device):
         m = j - i
         _hash_(h[:m].copy_(flat[i:j]), tmp[:m], key)
         _normal_(h[:m], out[i:j], cell[:m], tmp[:m], lo[:m])
@@ -180,10 +193,10 @@ def normal_pairs(seed: int, counters: torch.Tensor) -> torch.Tensor:
     key = _signed(seed_key(seed))
     flat = counters.to(torch.int64).flatten()
     out = torch.empty(flat.numel(), 2, dtype=torch.float32, device=flat.device)
-    n = min(CHUNK, flat.numel())
+    n = min(_chunk(flat.device), flat.numel())
     h, cell, tmp = (torch.empty(n, dtype=torch.int64, device=flat.device) for _ in range(3))
     lo, half = (torch.empty(n, dtype=torch.float32, device=flat.device) for _ in range(2))
-    for i, j in _chunks(flat.numel()):
+    for i, j in _chunks(flat.numel(), flat.device):
         m = j - i
         _hash_(h[:m].copy_(flat[i:j]), tmp[:m], key)
         _normal_(h[:m], half[:m], cell[:m], tmp[:m], lo[:m])

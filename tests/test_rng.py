@@ -69,6 +69,18 @@ def test_values_do_not_depend_on_chunk_size(monkeypatch):
     assert torch.equal(rng.normal_pairs(3, counters)[:, 0], rng.normal_from_bits(rng.hash64(3, counters)))
 
 
+def test_tail_values_are_the_same_with_or_without_a_host_sync(monkeypatch):
+    # bits in the outermost cell (16-bit cell 65535), both signs, and some ordinary ones
+    frac = torch.arange(0, 1 << 15, 997)
+    tail = (65535 << 15) | frac
+    bits = torch.cat([tail, tail | (1 << 31), torch.arange(1000) * 4_000_037])
+    ref = rng.normal_from_bits(bits)
+    monkeypatch.setattr(rng, "_tail_without_sync", lambda device: True)  # the GPU path, here on the CPU
+    assert torch.equal(rng.normal_from_bits(bits), ref)
+    assert (ref[: frac.numel()] >= 4.32).all() and torch.equal(ref[frac.numel() : 2 * frac.numel()],
+                                                             -ref[: frac.numel()])
+
+
 def test_normals_are_standard_normal():
     x = rng.normals(5, torch.arange(200_000)).double()
     assert abs(x.mean().item()) < 0.01 and abs(x.var().item() - 1) < 0.01
