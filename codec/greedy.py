@@ -92,11 +92,17 @@ def encode(
         s = scales[dim_steps - 1, step]
         sd = s.double()
         if auxiliary:  # log q_k(a) / p_k(a) of shard a = s x under its conditional target
+            # The shards still to come sum to R ~ N(0, r) under p; under q (q(shards) =
+            # p(shards) q(z) / p(z)) R given the walk so far is N(mu_r, 1 / prec), and this shard
+            # is a fraction frac of R plus prior noise of variance s^2 (1 - frac).
             r = rest[dim_steps - 1, step].clamp(min=1e-300)
+            zd = z.double()
+            prec = 1.0 / r + 1.0 / v - 1.0  # > 0: r <= 1
+            mu_r = ((m - zd) / v + zd) / prec
             frac = sd * sd / r  # share of the remaining prior variance this shard carries
-            tau = (sd * sd - sd * sd * frac + frac * frac * v).clamp(min=1e-300)
+            tau = (sd * sd - sd * sd * frac + frac * frac / prec).clamp(min=1e-300)
             a = 0.5 - sd * sd / (2.0 * tau)
-            b = sd * frac * (m - z.double()) / tau
+            b = sd * frac * mu_r / tau
             off = dim_steps <= step
             a, b = a.masked_fill(off, 0.0), b.masked_fill(off, 0.0)
         else:  # the thesis: log q of the running sum z + s x

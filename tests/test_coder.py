@@ -135,6 +135,25 @@ def test_greedy_residuals_have_mean_zero_and_bounded_variance():
     assert abs(r.mean()) < 0.1 and 0.4 < r.var() < 2.5
 
 
+def test_conditional_target_scores_leave_collapsed_dims_prior_samples_and_pin_sharp_ones():
+    # Like a real level 1: 30 % sharp dims (sigma_q / sigma_p 0.05-0.2) among collapsed ones (q = p).
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 16, 16, 16)
+    sharp = torch.rand(shape, generator=g) < 0.3
+    q_scale = torch.where(sharp, 0.05 + 0.15 * torch.rand(shape, generator=g), torch.ones(shape))
+    q_loc = torch.where(sharp, torch.randn(shape, generator=g), torch.zeros(shape))
+    median_sq = {}
+    for target in ("sum", "auxiliary"):
+        level1 = LevelParams("greedy", 10, 20, 4095, 1.0, 24.0, zero_run=0, target=target, shard_decay=0.85)
+        params = SMALL.replace(level1=level1)
+        z, _, _ = roundtrip(q_loc, q_scale, torch.zeros(shape), torch.ones(shape), 1, params)
+        r2 = residuals(z, q_loc, q_scale) ** 2
+        median_sq[target] = r2[sharp.flatten()].median().item() / 0.4549  # 1 for an exact sample
+        if target == "auxiliary":  # a collapsed dim's shards are untouched prior draws
+            assert 0.9 < r2[~sharp.flatten()].mean() < 1.1
+    assert median_sq["auxiliary"] < 3.0 < median_sq["sum"]
+
+
 def test_greedy_selection_by_weight_round_trips_and_keeps_the_step_count():
     q = targets((1, 32, 16, 16), 1.0, shrink=0.3)
     z, _, st = roundtrip(*q, 1)
