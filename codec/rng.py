@@ -115,7 +115,6 @@ def hash64(seed: int, counters: torch.Tensor) -> torch.Tensor:
 # --- N(0,1) from 32 hash bits: sign | 16-bit cell | 15-bit fraction -------------------------
 # |z| = H(v) = Phi^-1((1+v)/2) is a piecewise-linear interpolation of a 2^16-cell quantile
 # table; the outermost cell (prob 2^-16) uses a 2^15-entry tail table reaching |z| ~ 6.
-# The sign is applied by flipping the float's sign bit: exact, and the same on every device.
 
 
 def _build_tables() -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +154,8 @@ def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: tor
         torch.where(in_tail, tail[tmp], out, out=out)
     elif bool(in_tail.any()):
         out[in_tail] = tail[tmp[in_tail]]
-    # bit 31 of `bits` onto the float's sign bit (int64 -> int32 keeps the low 32 bits)
-    sign = torch.bitwise_and(bits, 0x80000000, out=tmp).to(torch.int32)
-    out.view(torch.int32).bitwise_xor_(sign)
+    negative = torch.bitwise_and(bits, 0x80000000, out=tmp) != 0  # bit 31
+    torch.where(negative, out.neg(), out, out=out)  # an exact sign flip
 
 
 def normal_from_bits(bits: torch.Tensor) -> torch.Tensor:
