@@ -154,8 +154,11 @@ def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: tor
         torch.where(in_tail, tail[tmp], out, out=out)
     elif bool(in_tail.any()):
         out[in_tail] = tail[tmp[in_tail]]
-    negative = torch.bitwise_and(bits, 0x80000000, out=tmp) != 0  # bit 31
-    torch.where(negative, out.neg(), out, out=out)  # an exact sign flip
+    # bit 31 of `bits` onto the float's sign bit: int64 -> int32 keeps the low 32 bits, the same
+    # two's-complement wrap-around the hash's int64 products rely on (torch.where(x < 0, -x, x)
+    # gives the same values but made level-1 decoding ~15 % slower)
+    sign = torch.bitwise_and(bits, 0x80000000, out=tmp).to(torch.int32)
+    out.view(torch.int32).bitwise_xor_(sign)
 
 
 def normal_from_bits(bits: torch.Tensor) -> torch.Tensor:
