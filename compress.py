@@ -274,7 +274,7 @@ def cmd_models(args) -> int:
         if args.json:
             print(json.dumps(d))
             continue
-        beta = f", β={d['beta']:g}" if d["beta"] is not None else ""  # recorded by exports since 2026-11
+        beta = f", β={d['beta']:g}" if d["beta"] is not None else ""  # older exports lack it
         trained = "no training record"
         if d["steps"]:
             trained = (f"{d['steps']} steps{' from ' + d['init_from'] if d['init_from'] else ''}, "

@@ -230,19 +230,12 @@ def pool_entries(seed: int, level: int, rows: torch.Tensor, cols: torch.Tensor) 
     return normal_from_bits(bits)
 
 
-def pool_windows(seed: int, level: int, rows: torch.Tensor, windows: torch.Tensor,
-                 width: int) -> torch.Tensor:
-    """(nb, width) float32: pool row rows[b], columns windows[b] * width ... + width - 1.
-
-    Equal to pool_entries entry by entry, with one hash per two columns (as pool_block)."""
-    return normal_from_bits(pool_window_bits(seed, level, rows, windows, width))
-
-
 def pool_window_bits(seed: int, level: int, rows: torch.Tensor, windows: torch.Tensor,
                      width: int) -> torch.Tensor:
-    """The 32 random bits behind each entry of pool_windows, (nb, width) int64: the decoder's
-    hot loop permutes and signs these before turning them into normals (flipping bit 31
-    negates the normal exactly)."""
+    """(nb, width) int64 whose low 32 bits make (normal_from_bits) the pool entries of row rows[b],
+    columns windows[b] * width ... + width - 1: one hash per two columns, as pool_block. The
+    decoder's hot loop permutes and signs these bits before turning them into normals (flipping
+    bit 31 negates the normal exactly)."""
     half = width // 2
     pairs = (windows.to(torch.int64) * half)[:, None] + torch.arange(half, device=rows.device)
     h = hash64(seed, pool_counters(level, rows[:, None], pairs))  # (nb, half)

@@ -57,7 +57,7 @@ def test_whole_window_reads_equal_random_access(monkeypatch, chunk):
     rows = torch.randint(0, 1 << 14, (37,), generator=gen)
     windows = torch.randint(0, 8, (37,), generator=gen)
     cols = windows[:, None] * 16 + torch.arange(16)
-    block = rng.pool_windows(5, 1, rows, windows, 16)
+    block = rng.normal_from_bits(rng.pool_window_bits(5, 1, rows, windows, 16))
     assert torch.equal(block, rng.pool_entries(5, 1, rows[:, None].expand_as(cols), cols))
 
 
