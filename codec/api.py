@@ -35,7 +35,7 @@ from codec.image import to_tensor, to_uint8
 from models import LatentVariableModel, file_sha256, load_model
 
 MAX_PIXELS = 12_000_000  # whole-image processing; see the module docstring
-PRESETS = ("thesis", "fast", "thesis-code")  # CoderParams.preset names a header may carry
+PRESETS = ("thesis", "fast", "thesis-importance", "thesis-code")  # CoderParams.preset names a header may carry
 REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 

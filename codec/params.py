@@ -93,20 +93,30 @@ class LevelParams:
         return max(2, 1 << (self.max_group_size - 1).bit_length())
 
 
-# The thesis code's budgets (S=30 x b=14 bits, groups <= 4095; B=20 bits, groups <= 15, margin
-# 1 nat). Departures, all in the encoder's or the format's favour (see `preset`): index lengths
-# adapt per group, near-zero-KL runs cost no index, the level-2 outlier limit is the group
-# budget (thesis: 12 bits), greedy shards shrink geometrically (thesis: equal) and each greedy
-# step scores a shard by its weight under its own conditional target given the walk so far
-# (`target="auxiliary"`, encoder-only; thesis: log q of the running sum, which lets a group's
-# sharpest dims decide and spreads the others 2-3x wider than q). Same files, better samples:
-# on Kodak (24 images) +0.09 to +0.35 dB across the shipped ladder, +0.18 dB at the default rung.
+# The thesis code's level-1 budgets (S=30 x b=14 bits, groups <= 4095, margin 1 nat).
+# Departures, all in the encoder's or the format's favour (see `preset`): index lengths adapt
+# per group, near-zero-KL runs cost no index, greedy shards shrink geometrically (thesis:
+# equal) and each greedy step scores a shard by its weight under its own conditional target
+# given the walk so far (`target="auxiliary"`, encoder-only; thesis: log q of the running sum,
+# which lets a group's sharpest dims decide and spreads the others 2-3x wider than q). Same
+# files, better samples: on Kodak (24 images) +0.09 to +0.35 dB across the shipped ladder.
 THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
                         shard_decay=0.85)
-# Level 2 takes no zero runs: on real images its KL is spread thinly (~0.2 bits a dim), and each
-# run cost ~6 bits plus a group boundary, more than its dims add inside groups (4 Kodak images,
-# pln-cpu-b4: -2.5% file size, same PSNR).
-THESIS_L2 = LevelParams("importance", 20, 1, 15, 1.0, 18.5, zero_run=0)
+# Level 2 walks the same greedy budgets instead of the thesis's importance sampler (B=20 bits,
+# groups <= 15 dims): those groups carry ~10-15 bits of KL each and need ~6-7 bits of side
+# information (size, index length), so level 2 cost 1.5-1.8x its KL; 420-bit greedy groups
+# cost ~1.06x. On 4 Kodak images, all six shipped models: files -0.7 % (N=192) to -5.7 %,
+# PSNR within -0.011 / +0.005 dB. Shards shrink more slowly than on level 1 (0.9): level 2's
+# KL sits in broader dims. Runs of >= 1024 near-zero-KL dims (collapsed channels) skip the walk,
+# as on level 1, instead of paying a step per group.
+THESIS_L2 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
+                        shard_decay=0.9)
+# The importance sampler with the thesis's level-2 budgets and KL-length indices (the `thesis`
+# preset's level 2 until the greedy walk replaced it): closer to an exact posterior sample on
+# very sharp dims, at ~1.5x KL. No zero runs: on real images level 2's KL is spread thinly
+# (~0.2 bits a dim), and each run cost ~6 bits plus a group boundary, more than its dims add
+# inside importance groups (4 Kodak images, pln-cpu-b4: -2.5% file size, same PSNR).
+IMPORTANCE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 18.5, zero_run=0)
 # Exactly the thesis code's semantics (fixed B-bit / S-step indices, equal shards, 12-bit limit).
 THESIS_CODE_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, adaptive=False, zero_run=0)
 THESIS_CODE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0, adaptive=False, zero_run=0)
@@ -120,7 +130,7 @@ class CoderParams:
     pool_windows: int = 8  # greedy pool = 2^b rows x pool_windows * pool_width columns
     outlier_range: float = 32.0  # outliers quantised on [-R, R] (prior-standardised units)
     # score chunks are sized to stay around this many MB; 0 = 256 on the CPU, 4096 on a GPU (at most a
-    # quarter of its free memory): an H100 ran level 2 of `thesis` at 0.5 bpp in 0.22 s instead of 0.58 s
+    # quarter of its free memory): an H100 ran an importance-sampled level 2 at 0.5 bpp in 0.22 s, not 0.58 s
     memory_mb: int = 0
     gemm_dtype: str = "float32"  # "bfloat16" may be faster on GPUs; can flip near-ties
 
@@ -140,8 +150,10 @@ class CoderParams:
 
     @classmethod
     def preset(cls, name: str) -> "CoderParams":
-        if name == "thesis":  # the thesis code's budgets, see THESIS_L1 / THESIS_L2
+        if name == "thesis":  # the thesis code's level-1 budgets, see THESIS_L1 / THESIS_L2
             return cls()
+        if name == "thesis-importance":  # `thesis` with the thesis's level-2 importance sampler
+            return cls(level2=IMPORTANCE_L2)
         if name == "thesis-code":  # the thesis code's semantics, for comparisons
             return cls(level1=THESIS_CODE_L1, level2=THESIS_CODE_L2)
         if name == "fast":  # ~10x fewer candidate evaluations; level 2 greedy (fewer groups)
@@ -151,10 +163,10 @@ class CoderParams:
                 # dims with sigma_q/sigma_p < 0.1/sqrt(12) go to outliers: 12 steps of
                 # 10 bits cannot pin them (the importance sampler costs 1.3-1.7x KL instead)
                 level2=LevelParams("greedy", 10, 12, 4095, 0.5, 18.0, zero_run=384,
-                                   shard_decay=0.9, outlier_min_ratio=0.1),
+                                   target="auxiliary", shard_decay=0.9, outlier_min_ratio=0.1),
                 gemm_dtype="float32",
             )
-        raise ValueError(f"unknown preset {name!r} (thesis, fast, thesis-code)")
+        raise ValueError(f"unknown preset {name!r} (thesis, fast, thesis-importance, thesis-code)")
 
     def for_level(self, level: int) -> LevelParams:
         if level not in (1, 2):

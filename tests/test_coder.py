@@ -246,11 +246,12 @@ def test_level2_rate_on_a_realistic_latent():
     torch.manual_seed(7)
     q = synthetic_level((1, 24, 4, 12), 1.3 * 24 * 4 * 12, g)
     rate = {}
-    for name in ("thesis", "thesis-code", "fast"):
+    for name in ("thesis", "thesis-importance", "thesis-code", "fast"):
         _, _, st = roundtrip(*q, 2, CoderParams.preset(name))
         rate[name] = st["bits"] / st["kl_bits"]
-    # measured: thesis 1.79, thesis-code 2.02, fast 1.44 (1.32-1.37 on the bench's full size)
-    assert rate["thesis"] < 0.9 * rate["thesis-code"] and rate["fast"] < 1.5, rate
+    # measured: thesis (greedy walk) 1.12, thesis-importance 1.78, thesis-code 2.02, fast 1.44
+    assert rate["thesis"] < 1.2 and rate["thesis-importance"] < 0.9 * rate["thesis-code"], rate
+    assert rate["fast"] < 1.5, rate
 
 
 def test_shrinking_shards_resolve_sharp_dims():

@@ -1,7 +1,8 @@
 """Golden files: bytes written by an earlier build must keep decoding to the same latents and pixels.
 
 tests/expected/coder_v2.npz holds, per (preset, level), synthetic float32 q and p, the level bytes the
-encoder wrote and the sample they decode to. tests/expected/golden.rec was written with the `thesis`
+encoder wrote and the sample they decode to (`thesis-importance` level 2: the bytes the `thesis` preset
+wrote before its level 2 moved to the greedy walk). tests/expected/golden.rec was written with the `thesis`
 preset by the tiny PLN in tests/expected/pln-golden-*.pt; golden.png is what it decoded to.
 
 A failing *decode* test means old files would no longer decode: a bug, or a change that needs a new
@@ -23,7 +24,7 @@ from models import ModelConfig, build_model, save_model
 
 EXPECTED = Path(__file__).resolve().parent / "expected"
 CODER_FILE = EXPECTED / "coder_v2.npz"
-CASES = [("thesis", 1), ("thesis", 2), ("fast", 1), ("fast", 2)]
+CASES = [("thesis", 1), ("thesis", 2), ("thesis-importance", 2), ("fast", 1), ("fast", 2)]
 SHAPES = {1: (1, 8, 8, 12), 2: (1, 4, 4, 6)}
 SEED = 7
 
