@@ -12,6 +12,7 @@ costs b bits. log q'(z + s*x) = sum_d A_d x_d^2 + B_d x_d + const with
 A = -s^2 / (2 v), B = s (m - z) / v, so one step for all groups is a few GEMMs.
 """
 
+import functools
 import math
 
 import torch
@@ -30,6 +31,11 @@ def shard_table(steps: int, decay: float = 1.0) -> torch.Tensor:
     Shard variances r^k (1 - r) / (1 - r^S_g) sum to 1 (prior-standardised N(0, 1)); r = 1
     gives the thesis' equal shards 1/S_g. Built on the CPU in float64, rounded once to float32.
     """
+    return _shard_table(steps, decay).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _shard_table(steps: int, decay: float) -> torch.Tensor:  # ~2 ms to build, 1 % of a decode
     t = torch.zeros(steps, steps, dtype=torch.float32)
     for n in range(1, steps + 1):
         for k in range(n):
