@@ -105,17 +105,18 @@ THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target
 # Level 2 walks the same greedy budgets instead of the thesis's importance sampler (B=20 bits,
 # groups <= 15 dims): those groups carry ~10-15 bits of KL each and need ~6-7 bits of side
 # information (size, index length), so level 2 cost 1.5-1.8x its KL; 420-bit greedy groups
-# cost ~1.06x. On 4 Kodak images, all six shipped models: files -0.7 % (N=192) to -5.7 %,
-# PSNR within -0.011 / +0.005 dB. Shards shrink more slowly than on level 1 (0.9): level 2's
+# cost ~1.06x. On Kodak (24 images), the six shipped models: files -4.9 to -5.8 % (N=192:
+# -0.5 %), PSNR -0.008 to +0.001 dB. Shards shrink more slowly than on level 1 (0.9): level 2's
 # KL sits in broader dims. Runs of >= 1024 near-zero-KL dims (collapsed channels) skip the walk,
 # as on level 1, instead of paying a step per group.
 THESIS_L2 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
                         shard_decay=0.9)
 # The importance sampler with the thesis's level-2 budgets and KL-length indices (the `thesis`
 # preset's level 2 until the greedy walk replaced it): closer to an exact posterior sample on
-# very sharp dims, at ~1.5x KL. No zero runs: on real images level 2's KL is spread thinly
-# (~0.2 bits a dim), and each run cost ~6 bits plus a group boundary, more than its dims add
-# inside importance groups (4 Kodak images, pln-cpu-b4: -2.5% file size, same PSNR).
+# very sharp dims, at ~1.5x KL. Its outlier limit is the group budget (thesis: 12 bits). No
+# zero runs: on real images level 2's KL is spread thinly (~0.2 bits a dim), and each run cost
+# ~6 bits plus a group boundary, more than its dims add inside importance groups (4 Kodak
+# images, pln-cpu-b4: -2.5% file size, same PSNR).
 IMPORTANCE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 18.5, zero_run=0)
 # Exactly the thesis code's semantics (fixed B-bit / S-step indices, equal shards, 12-bit limit).
 THESIS_CODE_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, adaptive=False, zero_run=0)

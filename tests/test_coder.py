@@ -50,7 +50,7 @@ def test_decoded_sample_equals_encoder_sample_bit_for_bit(level, shape):
 
 
 def test_presets_round_trip_on_small_latents():
-    for name in ("thesis", "fast", "thesis-code"):
+    for name in ("thesis", "fast", "thesis-importance", "thesis-code"):
         params = CoderParams.preset(name)
         roundtrip(*targets((1, 4, 8, 8), 2.0), 1, params)
         roundtrip(*targets((1, 4, 6, 6), 2.0), 2, params)
@@ -331,7 +331,7 @@ def test_corrupted_or_truncated_bytes_raise_rec_decode_error(level):
 
 
 def test_params_serialise_to_dict_and_bytes():
-    for name in ("thesis", "fast", "thesis-code"):
+    for name in ("thesis", "fast", "thesis-importance", "thesis-code"):
         p = CoderParams.preset(name)
         assert CoderParams.from_dict(p.to_dict()) == p
         assert CoderParams.from_bytes(p.to_bytes()) == p
