@@ -248,7 +248,7 @@ class CoderParams:
         return 256 << 20
 
     def with_overrides(self, items: list[str]) -> "CoderParams":
-        """These params with `KEY=VALUE` changes, e.g. "level2.sampler=greedy", "memory_mb=512".
+        """These params with `KEY=VALUE` changes, e.g. "level2.shard_decay=0.85", "memory_mb=512".
 
         VALUE is read as JSON when it parses (numbers, true/false), else as a string; all
         changes are applied at once. ValueError (one line) for an unknown key, a value of the

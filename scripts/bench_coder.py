@@ -1,7 +1,7 @@
 """Benchmark the REC coder on synthetic latents shaped like a 768x512 image under the thesis PLN.
 
     python -m scripts.bench_coder [--device cpu] [--bpp 0.25 0.5 1.0] [--runs 3]
-        [--presets thesis fast thesis-importance thesis-code] [--set level2.sampler=greedy ...] [--threads 1]
+        [--presets thesis fast thesis-importance thesis-code] [--set level2.shard_decay=0.85 ...] [--threads 1]
         [--out results/bench_coder_cpu.json]
 
 Level 1 is (1, 128, 32, 48), level 2 (1, 24, 16, 24). Total KL is split 88% / 12% between the

@@ -174,11 +174,12 @@ def test_greedy_oversampling_plans_fewer_bits_per_step():
 
 
 def test_overrides_change_preset_fields_all_at_once():
-    p = CoderParams.preset("thesis").with_overrides(
+    # steps=30 alone would be rejected by the importance sampler: the changes apply together
+    p = CoderParams.preset("thesis-importance").with_overrides(
         ["level2.steps=30", "level2.sampler=greedy", "level2.shard_decay=0.85", "memory_mb=64",
-         "level1.target=auxiliary", "level1.margin_nats=2"])
+         "level1.target=sum", "level1.margin_nats=2"])
     assert (p.level2.sampler, p.level2.steps, p.level2.shard_decay) == ("greedy", 30, 0.85)
-    assert p.memory_mb == 64 and p.level1.target == "auxiliary" and p.level1.margin_nats == 2.0
+    assert p.memory_mb == 64 and p.level1.target == "sum" and p.level1.margin_nats == 2.0
     assert p.level1.index_bits == CoderParams.preset("thesis").level1.index_bits
     for items, message in [
         (["level3.steps=2"], "unknown coder parameter 'level3.steps'"),
