@@ -32,6 +32,7 @@ import torch
 from codec import CoderParams, RecDecodeError, decode_level, encode_level
 from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
 from codec.image import to_tensor, to_uint8
+from codec.params import REGISTERED_FORMATS, registered_id
 from models import LatentVariableModel, file_sha256, load_model
 
 MAX_PIXELS = 12_000_000  # whole-image processing; see the module docstring
@@ -149,22 +150,29 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
 
 
 # Coder parameters in the header: the `coder` field names the preset ("thesis", "fast"; "custom"
-# for any other params), and b"P" + CoderParams.format_bytes(level) for each level follows (the
-# fields a decoder depends on, 24 bytes a level). The decoder rebuilds its params from those bytes,
-# so files stay decodable if a preset is retuned or a newer build adds one, and custom params cost
-# no more header than a preset. Files of earlier builds may carry custom params in full:
-# b"J" + zlib(JSON), still read.
+# for any other params). A shipped preset's decoder fields are a registered parameter set, sent as
+# b"R" + its one-byte id (REGISTERED_FORMATS); any other params as b"P" + CoderParams.format_bytes
+# of each level (the fields a decoder depends on, 24 bytes a level). Either way the decoder rebuilds
+# its params from those fields, so files stay decodable if a preset is retuned or a newer build adds
+# one. Files of earlier builds may carry custom params in full: b"J" + zlib(JSON), still read.
 _MAX_JSON = 1 << 16
 
 
 def params_to_bytes(params: CoderParams, num_levels: int) -> bytes:
-    return b"P" + params.levels_format_bytes(num_levels)
+    fields = params.levels_format_bytes(num_levels)
+    known = registered_id(fields)
+    return b"P" + fields if known is None else b"R" + bytes([known])
 
 
 def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:
     """The CoderParams to decode a file with (the full preset when this build's preset of that name
     matches the file); RecFormatError if missing or invalid."""
     data, tag = header.coder_params[1:], header.coder_params[:1]
+    if tag == b"R":
+        if len(data) != 1 or data[0] not in REGISTERED_FORMATS:
+            raise RecFormatError("coder_params", f"unknown registered parameter set {data.hex() or '(none)'} "
+                                                 "(written by a newer build?)")
+        data, tag = REGISTERED_FORMATS[data[0]], b"P"
     if tag == b"P":
         try:  # the decoder fields travel in the file: a preset may change without orphaning files
             decodable = CoderParams.from_format_bytes(data, num_levels)

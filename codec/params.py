@@ -123,6 +123,30 @@ THESIS_CODE_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, adaptive=False, 
 THESIS_CODE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0, adaptive=False, zero_run=0)
 
 
+# Parameter sets a file may name by a one-byte id instead of carrying their 24 bytes a level
+# (`CoderParams.levels_format_bytes`, 48 of a ~120-byte header): the presets as shipped, for
+# 2 and 1 levels. Append only: a file naming id k decodes with entry k forever
+# (tests/expected/registered_formats.json guards the entries; a retuned preset gets a new id).
+REGISTERED_FORMATS = {k: bytes.fromhex(v) for k, v in {
+    1: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis (level 2 greedy), 2 levels
+       "01010e001e0fff4200000000800008013feb333333333333",
+    2: "01010e001e0fff4200000000800008013feb333333333333",  # thesis, thesis-importance, 1 level
+    3: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, 2 levels
+       "01010a00280fff4200000000800008013feb333333333333",
+    4: "01010a00280fff4200000000800008013feb333333333333",  # fast, 1 level
+    5: "0202140001000f4200000000800008013ff0000000000000"  # thesis-importance, 2 levels
+       "01010e001e0fff4200000000800008013feb333333333333",
+    6: "0202140001000f4200000000800008003ff0000000000000"  # thesis-code, 2 levels
+       "01010e001e0fff4200000000800008003ff0000000000000",
+    7: "01010e001e0fff4200000000800008003ff0000000000000",  # thesis-code, 1 level
+}.items()}
+
+
+def registered_id(format_bytes: bytes) -> int | None:
+    """The id of a registered parameter set with exactly these format bytes, if any."""
+    return next((k for k, v in REGISTERED_FORMATS.items() if v == format_bytes), None)
+
+
 @dataclass(frozen=True)
 class CoderParams:
     level1: LevelParams = field(default_factory=lambda: THESIS_L1)

@@ -1,7 +1,10 @@
 """codec.api and codec.image: the top-down flow, exact round trips, model lookup, image loading."""
 
+import json
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +15,14 @@ from codec import api
 from codec.api import ModelNotFoundError, ModelRef, ModelStore, compress_image, decompress, find_model
 from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
 from codec.image import ImageError, load_image, save_png, to_tensor
-from codec.params import CoderParams, LevelParams
+from codec.params import REGISTERED_FORMATS, CoderParams, LevelParams, registered_id
 from models import ModelConfig, build_model, file_sha256, save_model
 
 # Few candidates per step: fast, and still the real coder end to end.
 SMALL = CoderParams(level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0),
                     level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0))
 SIZES = [(1, 1), (37, 53), (17, 300)]
+EXPECTED = Path(__file__).resolve().parent / "expected"
 
 
 def tiny(arch: str) -> torch.nn.Module:
@@ -70,8 +74,32 @@ def test_preset_coder_roundtrip_and_header(store, models_dir):
     model, ref = load(store, models_dir, "pln")
     data, x_hat, _ = compress_image(model, image(37, 53), model_ref=ref, params="fast")
     header, sections = unpack_rec(data)
-    assert header.coder == "fast" and header.coder_params[:1] == b"P" and len(sections) == 2
+    assert header.coder == "fast" and header.coder_params == b"R\x03" and len(sections) == 2
     np.testing.assert_array_equal(decompress(data, store)[0], x_hat)
+
+
+def test_shipped_presets_are_registered_parameter_sets_that_never_change():
+    # A file names a shipped preset's decoder fields by a one-byte id; id k must mean entry k forever.
+    frozen = json.loads((EXPECTED / "registered_formats.json").read_text())
+    assert {str(k): v.hex() for k, v in REGISTERED_FORMATS.items()} == frozen  # appended to both, never edited
+    for name in api.PRESETS:
+        for levels in (1, 2):
+            fields = CoderParams.preset(name).levels_format_bytes(levels)
+            assert api.params_to_bytes(CoderParams.preset(name), levels) == b"R" + bytes([registered_id(fields)])
+            assert REGISTERED_FORMATS[registered_id(fields)] == fields
+
+
+def test_unknown_registered_parameter_set_is_a_format_error(store, models_dir):
+    model, ref = load(store, models_dir, "pln")
+    data = compress_image(model, image(8, 8), model_ref=ref, params="thesis")[0]
+    for bad, shown in ((b"R\xfe", "fe"), (b"R", "(none)"), (b"R\x01\x01", "0101")):
+        with pytest.raises(RecFormatError, match=rf"^coder_params: unknown registered parameter set "
+                                                 rf"{re.escape(shown)} \(written by a newer build\?\)$"):
+            decompress(_rewrap(data, coder_params=bad), store)
+    two_levels = unpack_rec(_rewrap(data, coder_params=b"R\x01"))[0]  # thesis, 2 levels
+    with pytest.raises(RecFormatError, match=r"^coder_params: invalid coder parameters \(48 bytes of level "
+                                             r"parameters for 1 levels\)$"):
+        api.params_from_header(two_levels, 1)
 
 
 def test_pln_codes_level1_against_the_coded_z2(store, models_dir, monkeypatch):
@@ -144,12 +172,14 @@ def test_files_decode_from_the_params_in_their_header_when_a_preset_changed_or_i
         assert np.array_equal(decompress(_rewrap(data, coder=coder), store)[0], x_hat)
     header, _ = unpack_rec(data)
     assert api.params_from_header(header, 2) == CoderParams.preset("fast")  # full preset when it matches
-    bad = header.coder_params[:2] + b"\x09" + header.coder_params[3:]  # level 2's sampler id
+    explicit = b"P" + CoderParams.preset("fast").levels_format_bytes(2)  # as a retuned preset is sent
+    assert np.array_equal(decompress(_rewrap(data, coder_params=explicit), store)[0], x_hat)
+    bad = explicit[:2] + b"\x09" + explicit[3:]  # level 2's sampler id
     with pytest.raises(RecFormatError, match=r"^coder_params: invalid coder parameters \(malformed parameters "
                                              r"for level 2\)"):
         decompress(_rewrap(data, coder_params=bad), store)
     with pytest.raises(RecFormatError, match="^coder_params: invalid coder parameters"):
-        decompress(_rewrap(data, coder_params=header.coder_params[:-1]), store)
+        decompress(_rewrap(data, coder_params=explicit[:-1]), store)
 
 
 def test_corrupt_section_with_valid_file_crc_names_the_section(store, models_dir):
