@@ -187,7 +187,8 @@ def test_overrides_change_preset_fields_all_at_once():
         (["steps"], "expected KEY=VALUE, got 'steps'"),
         (["level1.adaptive=1"], "level1.adaptive must be true or false, got '1'"),
         (["level1.index_bits=7.5"], "level1.index_bits must be an integer, got '7.5'"),
-        (["level2.sampler=importance"], "coder parameters level2.sampler=importance: the importance sampler has exactly one step"),
+        (["level2.sampler=importance"],
+         "coder parameters level2.sampler=importance: the importance sampler has exactly one step"),
     ]:
         with pytest.raises(ValueError) as e:
             CoderParams().with_overrides(items)
