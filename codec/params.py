@@ -109,8 +109,7 @@ THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target
 # -0.5 %), PSNR -0.008 to +0.001 dB. Shards shrink more slowly than on level 1 (0.9): level 2's
 # KL sits in broader dims. Runs of >= 1024 near-zero-KL dims (collapsed channels) skip the walk,
 # as on level 1, instead of paying a step per group.
-THESIS_L2 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
-                        shard_decay=0.9)
+THESIS_L2 = THESIS_L1.replace(shard_decay=0.9)
 # The importance sampler with the thesis's level-2 budgets and KL-length indices (the `thesis`
 # preset's level 2 until the greedy walk replaced it): closer to an exact posterior sample on
 # very sharp dims, at ~1.5x KL. Its outlier limit is the group budget (thesis: 12 bits). No
