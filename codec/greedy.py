@@ -47,6 +47,7 @@ def _shard_table(steps: int, decay: float) -> torch.Tensor:  # ~2 ms to build, 1
 
 
 _DECODE_CHUNK = 1 << 18  # pool values per batch of steps: cache-sized (one step of level 1)
+_GPU_DECODE_CHUNK = 1 << 23  # on a GPU, all of level 1's steps at once: each batch waits once
 
 
 def _group_chunks(n_groups: int, n_rows: int, memory_bytes: int):
@@ -85,7 +86,8 @@ def encode(
     k = 1 << bits
     if group_steps is None:
         group_steps = torch.full((lay.n_groups,), steps, dtype=torch.int64, device=device)
-    dim_steps = group_steps.to(device)[lay.dim_group]
+    group_steps = group_steps.to(device)
+    dim_steps = group_steps[lay.dim_group]
     scales = shard_table(steps, decay).to(device)
     var = scales.double() ** 2
     rest = var.flip(1).cumsum(1).flip(1)  # [S_g - 1, k]: variance of shards k.. of the group
@@ -122,7 +124,7 @@ def encode(
                 scores = scores.double() + rng.gumbel(seed, level, keys[None, :],
                                                       torch.arange(k, device=device)[:, None])
             indices[groups, step] = scores.argmax(0)
-        indices[group_steps <= step, step] = 0
+        indices[:, step].masked_fill_(group_steps <= step, 0)  # a mask index would sync
         rows = pool.dim_rows(indices[lay.dim_group, step], scr, k)
         x = table[rows, scr.col] * scr.sign  # == pool.chosen_values, without hashing
         z = torch.where(dim_steps > step, z + x * s, z)
@@ -149,7 +151,8 @@ def decode(
     scales = shard_table(steps, decay).to(device)
     z = torch.zeros(nb, width, dtype=torch.float32, device=device)
     n_steps = int(group_steps.max()) if lay.n_groups else 0
-    per = max(1, _DECODE_CHUNK // max(1, nb * width))  # steps per batch: bounded memory
+    chunk = _DECODE_CHUNK if device.type == "cpu" else _GPU_DECODE_CHUNK
+    per = max(1, chunk // max(1, nb * width))  # steps per batch: bounded memory
     for s0 in range(0, n_steps, per):
         # every (step, block) pair still walking in steps s0.., ordered by step
         step, block = torch.nonzero(block_steps[None, :] > torch.arange(

@@ -25,12 +25,12 @@ class Layout:
     n_groups: int
     width: int
     n_windows: int  # pool windows: most blocks in any group, capped
+    n_shifts: int  # row shifts: a group's blocks past the windows wrap around with a shift
     dim_group: torch.Tensor  # (N,) group of each dim
     dim_block: torch.Tensor  # (N,) global block id of each dim
     dim_pos: torch.Tensor  # (N,) position u inside its block, < width
     block_group: torch.Tensor  # (nb,) group of each block
     block_index: torch.Tensor  # (nb,) j: index of the block inside its group
-    group_first_block: torch.Tensor  # (G,)
     dim_slot: torch.Tensor | None  # (N,) block * width + position; None when that is arange(N)
 
 
@@ -50,16 +50,18 @@ def make_layout(sizes: torch.Tensor, width: int, device, max_windows: int = 1 <<
     dim_block = first_block[dim_group] + t // width
     dim_pos = t % width
     full = bool((sizes % width == 0).all())  # every block full: slots are just 0..N-1
+    most_blocks = max(1, int(blocks_per_group.max())) if sizes.numel() else 1
+    n_windows = min(max_windows, most_blocks)
     return Layout(
         n_groups=sizes.numel(),
         width=width,
-        n_windows=min(max_windows, max(1, int(blocks_per_group.max())) if sizes.numel() else 1),
+        n_windows=n_windows,
+        n_shifts=(most_blocks + n_windows - 1) // n_windows,
         dim_group=dim_group,
         dim_block=dim_block,
         dim_pos=dim_pos,
         block_group=block_group,
         block_index=block_index,
-        group_first_block=first_block,
         dim_slot=None if full else dim_block * width + dim_pos,
     )
 
@@ -78,10 +80,11 @@ def block_scramble(seed: int, level: int, step: int, lay: Layout):
     bit (nb, width), plus the pool window and row shift of every block (nb,). Slots past a group's
     last dim are unused."""
     blocks = torch.arange(lay.block_group.numel(), device=lay.block_group.device)
-    return pair_scramble(seed, level, torch.full_like(blocks, step), blocks, lay)
+    return pair_scramble(seed, level, step, blocks, lay)  # an int step: no wait on the device
 
 
-def pair_scramble(seed: int, level: int, steps: torch.Tensor, blocks: torch.Tensor, lay: Layout):
+def pair_scramble(seed: int, level: int, steps: int | torch.Tensor, blocks: torch.Tensor,
+                  lay: Layout):
     """block_scramble for a list of (step, block) pairs: (P, width) columns and sign bits, (P,)
     windows and row shifts. Pairs are in (step, block) order and hold every block of a group
     whenever they hold one (the decoder batches the blocks still walking, step by step)."""
@@ -136,19 +139,32 @@ def window_features(pool: torch.Tensor, width: int, window: int, dtype) -> torch
 def group_scores(
     feats: list[torch.Tensor], lay: Layout, scr: Scramble, ab: torch.Tensor, groups: slice
 ) -> torch.Tensor:
-    """(K, n) scores of every pool row as a candidate for groups[groups]: sum of block GEMMs."""
+    """(K, n) scores of every pool row as a candidate for groups[groups]: sum of block GEMMs.
+
+    One GEMM per (window, row shift) that some block reads, blocks in ascending order; the
+    blocks are sorted into those segments on the device, so a step waits for it only once (the
+    segment sizes), not once per segment: on a GPU each wait also stalls the kernel queue.
+    """
     g0, g1 = groups.start, groups.stop
     k = feats[0].shape[0]
+    n_shifts = lay.n_shifts
     out = torch.zeros(k, g1 - g0, dtype=torch.float32, device=ab.device)
+    n_segments = len(feats) * n_shifts  # blocks of other groups go to one more, unused, at the end
     in_range = (lay.block_group >= g0) & (lay.block_group < g1)
-    for w, f in enumerate(feats):
-        in_window = in_range & (scr.block_window == w)
-        for shift in torch.unique(scr.block_shift[in_window]).tolist():
-            sel = torch.nonzero(in_window & (scr.block_shift == shift)).squeeze(1)
-            s = f @ ab[sel].to(f.dtype).T  # (K, blocks): row r scores candidate r - shift
-            if shift:
-                s = torch.roll(s, -shift, 0)
-            out.index_add_(1, lay.block_group[sel] - g0, s.float())
+    segment = torch.where(in_range, scr.block_window * n_shifts + scr.block_shift, n_segments)
+    order = torch.argsort(segment, stable=True)
+    sizes = torch.bincount(segment, minlength=n_segments + 1).tolist()[:n_segments]
+    start = 0
+    for seg, n in enumerate(sizes):
+        if not n:
+            continue
+        sel = order[start : start + n]
+        start += n
+        w, shift = divmod(seg, n_shifts)
+        s = feats[w] @ ab[sel].to(feats[w].dtype).T  # (K, blocks): row r scores candidate r - shift
+        if shift:
+            s = torch.roll(s, -shift, 0)
+        out.index_add_(1, lay.block_group[sel] - g0, s.float())
     return out
 
 
