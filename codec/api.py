@@ -32,11 +32,10 @@ import torch
 from codec import CoderParams, RecDecodeError, decode_level, encode_level
 from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
 from codec.image import to_tensor, to_uint8
-from codec.params import REGISTERED_FORMATS, registered_id
+from codec.params import PRESETS, REGISTERED_FORMATS, registered_id
 from models import LatentVariableModel, file_sha256, load_model
 
 MAX_PIXELS = 12_000_000  # whole-image processing; see the module docstring
-PRESETS = ("thesis", "fast", "thesis-importance", "thesis-code")  # CoderParams.preset names a header may carry
 REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 SAMPLERS = ("greedy", "importance")
+PRESETS = ("thesis", "fast", "thesis-importance", "thesis-code")  # CoderParams.preset names a header may carry
 _FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
 
 
@@ -190,7 +191,7 @@ class CoderParams:
                                    target="auxiliary", shard_decay=0.9, outlier_min_ratio=0.1),
                 gemm_dtype="float32",
             )
-        raise ValueError(f"unknown preset {name!r} (thesis, fast, thesis-importance, thesis-code)")
+        raise ValueError(f"unknown preset {name!r} ({', '.join(PRESETS)})")
 
     def for_level(self, level: int) -> LevelParams:
         if level not in (1, 2):
