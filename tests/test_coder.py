@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from codec.entropy import RecDecodeError
 from codec.level import decode_level, encode_level, kl_nats, standardise
@@ -73,6 +74,45 @@ def test_greedy_decode_does_not_depend_on_how_steps_are_batched(monkeypatch):
     for chunk in (1, 5000):  # one step at a time; a few steps per batch
         monkeypatch.setattr(greedy, "_DECODE_CHUNK", chunk)
         assert torch.equal(decode_level(q[2], q[3], data, seed=3, level=1, params=SMALL), z)
+
+
+class _HostWaits(TorchFunctionMode):
+    """Counts the calls that, on a GPU, make the host wait for the device (and stall its queue)."""
+
+    WAITS = {"tolist", "item", "nonzero", "unique", "__bool__", "__int__", "__float__", "__index__",
+             "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name in ("__getitem__", "__setitem__") else None
+        masks = [i for i in (index if isinstance(index, tuple) else (index,))
+                 if torch.is_tensor(i) and i.dtype == torch.bool]
+        self.count += name in self.WAITS or bool(masks)
+        return func(*args, **(kwargs or {}))
+
+
+def test_greedy_walk_waits_on_the_device_about_once_a_step(monkeypatch):
+    from codec import greedy, rng
+
+    monkeypatch.setattr(rng, "_tail_without_sync", lambda device: True)  # the GPU path, on the CPU
+    monkeypatch.setattr(greedy, "_DECODE_CHUNK", greedy._GPU_DECODE_CHUNK)
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([70, 9, 40, 64, 3])  # up to 9 blocks of 8 over 4 windows: row shifts 0-2
+    m = torch.randn(int(sizes.sum()), generator=g, dtype=torch.float64)
+    v = torch.full_like(m, 0.3)
+    steps = torch.tensor([6, 2, 6, 5, 1])
+    walk = dict(seed=1, level=1, bits=6, steps=6, width=8, windows=4, group_steps=steps)
+    greedy.shard_table(6)  # built on the host once, then cached
+    with _HostWaits() as waits:
+        indices, z = greedy.encode(m, v, sizes, memory_bytes=1 << 20, auxiliary=True, **walk)
+    assert waits.count <= 6 + 3  # one a step (the GEMM segment sizes) + the layout and step count
+    with _HostWaits() as waits:
+        assert torch.equal(greedy.decode(indices, sizes, **walk), z)
+    assert waits.count <= 6  # all steps in one batch
 
 
 def test_memory_budget_follows_the_device_unless_set():
