@@ -4,6 +4,7 @@
         --coder fast -o results/kodak/pln.json
     python scripts/eval_rd.py --data DIR --model M1 M2 M3 --rec-dir /tmp/recs --per-image -o OUT.json
     python scripts/eval_rd.py --data DIR --model M --coder thesis --coder-set level2.oversample_bits=1
+    python scripts/eval_rd.py --data DIR --model NEW --add-to OUT.json -o OUT.json   # one more point
 
 Each --model (a model file, or a name / SHA-256 prefix looked up as compress.py does: in
 $REC_MODEL_DIR, then weights/) is one RD point of ONE curve (CompressAI's schema, points sorted
@@ -22,6 +23,10 @@ by bpp; see scripts/rd_common.py). For every image:
            (the thesis's bound, KL in nats for the whole image) with the sample's distortion; rate
            KL with the distortion of the posterior mean (z2 = mean, z1 = mean of q(z1|x, mean z2)).
 
+--add-to FILE adds the new models' points to a curve written earlier by this script with
+--per-image: its models are not run again (the coder and the ideal pass are deterministic), and it
+must match this run's images, coder, coder settings, seed, device and threads.
+
 The document goes to stdout and, with -o, to a file; progress (tqdm) and messages to stderr.
 Exit codes: 0 ok, 1 a decoded image differed from the prediction, 2 bad input (missing data
 folder, no images, unknown model, CUDA not available).
@@ -30,6 +35,7 @@ folder, no images, unknown model, CUDA not available).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -206,7 +212,8 @@ def default_name(names: list[str], coder: str) -> str:
 
 
 def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: float) -> dict:
-    order = sorted(range(len(evals)), key=lambda i: mean(list(evals[i]["actual"]["bpp"].values())))
+    order = sorted(range(len(evals)),  # by rate; by name on a tie, whatever order the models ran in
+                   key=lambda i: (mean(list(evals[i]["actual"]["bpp"].values())), evals[i]["name"]))
     name = args.name or default_name([e["name"] for e in evals], args.coder_label)
     results, per_image = _curve(evals[0]["actual"], order, [e["actual"] for e in evals])
     ideal_curves = []
@@ -243,6 +250,38 @@ def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: f
                         per_image=per_image if args.per_image else None)
 
 
+def earlier_evals(path: Path, images: dict, args) -> tuple[list[dict], float]:
+    """The per-model rows of an earlier eval_rd document (--add-to), and its wall seconds.
+
+    UsageError, before any model runs, if the file is not one this run can extend."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        meta, per_image = doc["meta"], doc.get("per_image")
+        if meta.get("source") != "eval_rd":
+            raise ValueError("not written by eval_rd.py")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--add-to {path}: cannot read an eval_rd results file ({e})") from None
+    curves = doc.get("ideal_curves", [])
+    if per_image is None or len(curves) != len(IDEAL) or any("per_image" not in c for c in curves):
+        raise UsageError(f"--add-to {path}: has no per-image values (written without --per-image)")
+    wanted = {"images": list(images), "coder": args.coder, "coder_params": args.params.to_dict(),
+              "seed": args.seed, "device": args.device, "torch_threads": args.threads}
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            raise UsageError(f"--add-to {path}: its {key} differs from this run's")
+    evals = []
+    try:
+        for i, m in enumerate(meta["models"]):
+            actual = {k: {img: per_image[img][k][i] for img in images} for k in ACTUAL_KEYS}
+            ideal = {key: {k: {img: c["per_image"][img][k][i] for img in images}
+                           for k in ("bpp", *DISTORTION_KEYS)} for key, c in zip(IDEAL, curves)}
+            evals.append({**m, "actual": actual, "ideal": ideal,
+                          "mismatches": [x for x in meta["decode_mismatches"] if x["model"] == m["name"]]})
+        return evals, float(meta["wall_s"])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise UsageError(f"--add-to {path}: incomplete results file (missing {e})") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder of images (searched recursively)")
@@ -259,7 +298,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
     p.add_argument("-o", "--output", help="write the results JSON here (also printed to stdout)")
+    p.add_argument("--add-to", metavar="FILE", help="add the new points to this earlier --per-image "
+                   "results file of the same images, coder, seed, device and threads (implies --per-image)")
     args = p.parse_args(argv)
+    args.per_image = args.per_image or bool(args.add_to)
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if not 0 <= args.seed < 1 << 64:
@@ -282,13 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         images, n_available = load_images(Path(args.data), args.limit)
         models = resolve_models(args.model, args.device)
+        earlier, earlier_s = earlier_evals(Path(args.add_to), images, args) if args.add_to else ([], 0.0)
+        for path, _, _ in models:
+            if api.ModelRef.of_file(path).sha256.hex() in {e["sha256"] for e in earlier}:
+                raise UsageError(f"--add-to {args.add_to}: already holds model {path.name}")
         print(f"[eval_rd] {len(models)} model(s), {len(images)} of {n_available} images, coder {args.coder_label}, "
               f"device {args.device}", file=sys.stderr)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eval_rd_") as tmp:
             rec_dir = Path(args.rec_dir) if args.rec_dir else Path(tmp)
             evals = [eval_model(*m, images, rec_dir, args) for m in models]
-        doc = build_doc(evals, images, n_available, args, time.perf_counter() - t0)
+        doc = build_doc(earlier + evals, images, n_available, args, earlier_s + time.perf_counter() - t0)
     except UsageError as e:
         print(f"eval_rd.py: error: {e}", file=sys.stderr)
         return 2

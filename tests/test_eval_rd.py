@@ -218,6 +218,38 @@ def test_coder_set_changes_the_preset_and_is_recorded(tmp_path, capsys, data, we
     assert json.loads(plain)["results"]["bpp"][0] < doc["results"]["bpp"][0]  # 2 of 8 bits a step spare
 
 
+def test_add_to_gives_the_curve_of_one_run_over_all_models(evaluated, tmp_path, capsys, data, weights):
+    first, second = model_files(weights)
+    common = ["--data", data, "--coder", "fast", "--no-progress"]
+    code, _, err = run(capsys, *common, "--model", second, "--per-image", "-o", tmp_path / "one.json")
+    assert code == 0, err
+    code, out, err = run(capsys, *common, "--model", first, "--add-to", tmp_path / "one.json",
+                         "-o", tmp_path / "one.json")  # extended in place
+    assert code == 0, err
+    _, together, _ = evaluated
+    added = json.loads((tmp_path / "one.json").read_text())
+    assert added == json.loads(out)
+    untimed = ("encoding_time", "decoding_time")
+
+    def drop_times(values):
+        return {k: v for k, v in values.items() if k not in untimed}
+
+    assert drop_times(added["results"]) == drop_times(together["results"])
+    assert {i: drop_times(v) for i, v in added["per_image"].items()} == \
+        {i: drop_times(v) for i, v in together["per_image"].items()}
+    assert added["ideal_curves"] == together["ideal_curves"]
+    assert [m["path"] for m in added["meta"]["models"]] == [m["path"] for m in together["meta"]["models"]]
+    assert added["name"] == together["name"] and "over 2 model(s)" in added["description"]
+    # the same model again, or a file written with other settings: refused before anything runs
+    code, _, err = run(capsys, *common, "--model", first, "--add-to", tmp_path / "one.json")
+    assert code == 2 and err.startswith("eval_rd.py: error: --add-to ") and "already holds model" in err
+    code, _, err = run(capsys, *common, "--model", first, "--add-to", tmp_path / "one.json", "--seed", "5")
+    assert code == 2 and "its seed differs from this run's" in err
+    run(capsys, *common, "--model", second, "-o", tmp_path / "plain.json")
+    code, _, err = run(capsys, *common, "--model", first, "--add-to", tmp_path / "plain.json")
+    assert code == 2 and "has no per-image values" in err
+
+
 @pytest.mark.parametrize("names,expected", [
     (["pln-cpu-b4-2c1e6bc5", "pln-cpu-b1.5-882fd781"], "pln-cpu (REC thesis)"),
     (["pln-a1", "pln-a2"], "pln (REC thesis)"),
