@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 # Images and metrics are the codec's own, re-exported for the scripts.
+from codec.bitstream import write_atomic
 from codec.image import IMAGE_EXTS, find_images, load_rgb  # noqa: F401
 from codec.metrics import ms_ssim, msssim_to_db, psnr  # noqa: F401
 
@@ -161,7 +162,7 @@ def write_results(path: str | Path, doc: dict) -> None:
         del doc["ideal_curves"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps(doc) + "\n", encoding="utf-8")
+    write_atomic(path, (dumps(doc) + "\n").encode("utf-8"))  # eval_rd --add-to rewrites its input
 
 
 def read_results(path: str | Path) -> dict:
