@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 SAMPLERS = ("greedy", "importance")
-PRESETS = ("thesis", "fast", "thesis-importance", "thesis-code")  # CoderParams.preset names a header may carry
 _FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
 
 
@@ -121,6 +120,22 @@ IMPORTANCE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 18.5, zero_run=0)
 # Exactly the thesis code's semantics (fixed B-bit / S-step indices, equal shards, 12-bit limit).
 THESIS_CODE_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, adaptive=False, zero_run=0)
 THESIS_CODE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0, adaptive=False, zero_run=0)
+# ~10x fewer candidate evaluations than `thesis`; level 2 walks greedily too (fewer groups).
+FAST_L1 = LevelParams("greedy", 10, 40, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
+                      shard_decay=0.85)
+# dims with sigma_q/sigma_p < 0.1/sqrt(12) go to outliers: 12 steps of 10 bits cannot pin them
+# (the importance sampler costs 1.3-1.7x KL instead)
+FAST_L2 = LevelParams("greedy", 10, 12, 4095, 0.5, 18.0, zero_run=384, target="auxiliary",
+                      shard_decay=0.9, outlier_min_ratio=0.1)
+
+# CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
+_PRESET_FIELDS = {
+    "thesis": {},  # the thesis code's level-1 budgets on both levels, see THESIS_L1 / THESIS_L2
+    "fast": dict(level1=FAST_L1, level2=FAST_L2, gemm_dtype="float32"),
+    "thesis-importance": dict(level2=IMPORTANCE_L2),  # `thesis` with the thesis's level-2 sampler
+    "thesis-code": dict(level1=THESIS_CODE_L1, level2=THESIS_CODE_L2),  # for comparisons
+}
+PRESETS = tuple(_PRESET_FIELDS)
 
 
 # Parameter sets a file may name by a one-byte id instead of carrying their 24 bytes a level
@@ -175,23 +190,9 @@ class CoderParams:
 
     @classmethod
     def preset(cls, name: str) -> "CoderParams":
-        if name == "thesis":  # the thesis code's level-1 budgets, see THESIS_L1 / THESIS_L2
-            return cls()
-        if name == "thesis-importance":  # `thesis` with the thesis's level-2 importance sampler
-            return cls(level2=IMPORTANCE_L2)
-        if name == "thesis-code":  # the thesis code's semantics, for comparisons
-            return cls(level1=THESIS_CODE_L1, level2=THESIS_CODE_L2)
-        if name == "fast":  # ~10x fewer candidate evaluations; level 2 greedy (fewer groups)
-            return cls(
-                level1=LevelParams("greedy", 10, 40, 4095, 1.0, 24.0, zero_run=1024,
-                                   target="auxiliary", shard_decay=0.85),
-                # dims with sigma_q/sigma_p < 0.1/sqrt(12) go to outliers: 12 steps of
-                # 10 bits cannot pin them (the importance sampler costs 1.3-1.7x KL instead)
-                level2=LevelParams("greedy", 10, 12, 4095, 0.5, 18.0, zero_run=384,
-                                   target="auxiliary", shard_decay=0.9, outlier_min_ratio=0.1),
-                gemm_dtype="float32",
-            )
-        raise ValueError(f"unknown preset {name!r} ({', '.join(PRESETS)})")
+        if name not in _PRESET_FIELDS:
+            raise ValueError(f"unknown preset {name!r} ({', '.join(PRESETS)})")
+        return cls(**_PRESET_FIELDS[name])
 
     def for_level(self, level: int) -> LevelParams:
         if level not in (1, 2):

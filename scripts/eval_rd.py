@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         images, n_available = load_images(Path(args.data), args.limit)
         models = resolve_models(args.model, args.device)
         earlier, earlier_s = earlier_evals(Path(args.add_to), images, args) if args.add_to else ([], 0.0)
+        held = {e["sha256"] for e in earlier}
         for path, _, _ in models:
-            if api.ModelRef.of_file(path).sha256.hex() in {e["sha256"] for e in earlier}:
+            if api.ModelRef.of_file(path).sha256.hex() in held:
                 raise UsageError(f"--add-to {args.add_to}: already holds model {path.name}")
         print(f"[eval_rd] {len(models)} model(s), {len(images)} of {n_available} images, coder {args.coder_label}, "
               f"device {args.device}", file=sys.stderr)
