@@ -1,6 +1,8 @@
 """End-user CLI: encode images to .rec files, decode them to PNG, show a .rec header.
 
     python compress.py encode photo.png                 # -> photo.rec
+    python compress.py encode photo.png --quality 6     # variable-rate model: quality 1 (small) … 8
+    python compress.py encode photo.png --bpp 0.3       # ... or the β whose file is nearest 0.3 bpp
     python compress.py encode photos/ a.png -o out/     # folders and several inputs
     python compress.py decode photo.rec                 # -> photo.rec.png
     python compress.py info photo.rec                   # the header as JSON
@@ -16,6 +18,7 @@ Exit status: 0 all inputs done, 1 some input failed, 2 usage error, 130 interrup
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -49,6 +52,22 @@ def _positive(text: str) -> int:
     return n
 
 
+def _positive_float(text: str) -> float:
+    x = float(text)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return x
+
+
+def _quality(text: str) -> int:
+    from codec.rate import QUALITY_LEVELS
+
+    n = int(text)
+    if not 1 <= n <= QUALITY_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1 to {QUALITY_LEVELS}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="compress.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -59,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--coder", default="thesis", choices=PRESETS, help="coder preset (default: thesis)")
     enc.add_argument("--seed", type=_seed, default=0, help="seed of the shared randomness (default: 0)")
     enc.add_argument("--max-pixels", type=_positive, default=None, help="refuse larger images (default 12e6)")
+    rate = enc.add_mutually_exclusive_group()
+    rate.add_argument("--quality", type=_quality, metavar="N",
+                      help="variable-rate models: quality 1 (smallest files) to 8 (default 4)")
+    rate.add_argument("--beta", type=_positive_float, metavar="B",
+                      help="variable-rate models: the rate-distortion β (larger = smaller files)")
+    rate.add_argument("--bpp", type=_positive_float, metavar="X",
+                      help="variable-rate models: the β whose file is nearest X bits per pixel (within 3 %%)")
     dec = sub.add_parser("decode", help=".rec -> PNG")
     dec.add_argument("inputs", nargs="+", metavar="IN.rec", help=".rec files or folders")
     dec.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
@@ -182,6 +208,8 @@ def _run(jobs, args, work) -> int:
 
 def _line(rec: dict) -> str:
     text = f"{rec['input']} -> {rec['output']}: {rec['width']}x{rec['height']}, {rec['bytes']} B, {rec['bpp']:.4f} bpp"
+    if rec.get("beta") is not None:
+        text += f" at β={rec['beta']:.4g}" + (f" (quality {rec['quality']})" if rec.get("quality") else "")
     if "psnr" in rec:
         text += f" (KL {rec['kl_bpp']:.4f}), PSNR {_fmt(rec['psnr'], 2)} dB"
     return text + f", {rec['seconds']:.2f} s"
@@ -191,6 +219,7 @@ def cmd_encode(args) -> int:
     from codec import api
     from codec.bitstream import write_atomic
     from codec.image import load_image
+    from codec.rate import BPP_TOLERANCE, compress_to_bpp
 
     jobs = plan(args.inputs, args.output, IMAGE_EXTS, lambda n: str(Path(n).with_suffix(".rec")))
     store = api.ModelStore(args.device)
@@ -200,19 +229,60 @@ def cmd_encode(args) -> int:
         _say(f"error: {e}", err=True)
         return 1
     max_pixels = args.max_pixels or api.MAX_PIXELS
+    beta = _rate_setting(args, model, ref.name)
 
     def work(src: Path, dst: Path) -> dict:
         x, notes = load_image(src, max_pixels=max_pixels)
         for note in notes:
             _say(f"note: {src}: {note}", err=True)
-        data, x_hat, stats = api.compress_image(model, x, model_ref=ref, seed=args.seed, params=args.coder,
-                                                device=args.device, max_pixels=max_pixels)
+
+        def compress(b):
+            return api.compress_image(model, x, model_ref=ref, seed=args.seed, params=args.coder,
+                                      device=args.device, max_pixels=max_pixels, beta=b)
+
+        if args.bpp is None:
+            data, x_hat, stats = compress(beta)
+        else:
+            image = api.image_tensor(x).to(args.device)
+            data, x_hat, stats = compress_to_bpp(compress, model.to(args.device), image, args.bpp)
+            miss = stats["bpp"] / args.bpp - 1
+            if abs(miss) > BPP_TOLERANCE:
+                _say(f"note: {src}: {stats['bpp']:.4f} bpp is {100 * miss:+.1f} % from the target {args.bpp:g} "
+                     f"(the closest of {stats['attempts']} tries, at β = {stats['beta']:.4g}; this model's range "
+                     f"is β = {model.beta_range[0]:g} to {model.beta_range[1]:g})", err=True)
         write_atomic(dst, data)
-        return {"height": stats["height"], "width": stats["width"], "bytes": len(data), "bpp": stats["bpp"],
-                "kl_bpp": stats["kl_bpp"], "psnr": psnr(x, x_hat), "model": ref.name, "coder": args.coder,
-                "seed": args.seed, "notes": notes}
+        rec = {"height": stats["height"], "width": stats["width"], "bytes": len(data), "bpp": stats["bpp"],
+               "kl_bpp": stats["kl_bpp"], "psnr": psnr(x, x_hat), "model": ref.name, "coder": args.coder,
+               "seed": args.seed, "notes": notes}
+        if stats["beta"] is not None:
+            rec.update(beta=stats["beta"], quality=args.quality, target_bpp=args.bpp)
+        return rec
 
     return _run(jobs, args, work)
+
+
+def _rate_setting(args, model, name: str) -> float | None:
+    """The β to code at from --quality/--beta (None for --bpp, searched per image, and for fixed-β
+    models); a UsageError for a setting the model cannot take."""
+    from codec.api import coding_beta
+    from codec.rate import DEFAULT_QUALITY, quality_beta
+
+    asked = next((f"--{k} {getattr(args, k):g}" for k in ("quality", "beta", "bpp") if getattr(args, k) is not None),
+                 None)
+    if not model.variable_rate:
+        if asked:
+            raise UsageError(f"{asked}: model {name} was trained at a single β; choose a variable-rate model "
+                             "(compress.py models lists each model's rate range)")
+        return None
+    if args.bpp is not None:
+        return None
+    if args.beta is None:
+        args.quality = args.quality or DEFAULT_QUALITY
+        return quality_beta(args.quality, model.beta_range)
+    try:
+        return coding_beta(model, args.beta)[0]
+    except ValueError as e:
+        raise UsageError(f"--beta {args.beta:g}: {e}") from None
 
 
 def cmd_decode(args) -> int:
@@ -259,6 +329,7 @@ def cmd_info(args) -> int:
 
 def cmd_models(args) -> int:
     from codec import api
+    from codec.rate import QUALITY_LEVELS
 
     files, default = api.list_models()
     if not files:
@@ -275,6 +346,13 @@ def cmd_models(args) -> int:
             print(json.dumps(d))
             continue
         beta = f", β={d['beta']:g}" if d["beta"] is not None else ""  # older exports lack it
+        if d["beta_range"]:
+            lo, hi = d["beta_range"]
+            beta = f", variable rate: β={lo:g}…{hi:g} (quality 1 = β {hi:g} … {QUALITY_LEVELS} = β {lo:g})"
+            val = d["validation"] or {}
+            ends = [val.get(f"val_kl_bpp@{b:g}") for b in (hi, lo)]
+            if None not in ends:
+                beta += f", about {ends[0]:.2f}–{ends[1]:.2f} bpp (KL on its validation images)"
         trained = "no training record"
         if d["steps"]:
             trained = (f"{d['steps']} steps{' from ' + d['init_from'] if d['init_from'] else ''}, "

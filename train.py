@@ -7,7 +7,9 @@
 
 Defaults live in TrainConfig and models.ModelConfig; a TOML file overrides them; `--key=value` wins.
 On --resume the checkpoint's saved config sits above any TOML file, so only `--key=value` changes it.
-Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), all in nats.
+Loss per batch: [Σ pixel NLL + β·w(t)·Σ KL] / B with w(t) = min(1, t/W), all in nats. A variable-rate
+model (beta_knots > 0, configs/pln_vbr.toml) draws each image's β log-uniformly from [beta_min, beta_max]
+every batch and weights that image's KL by it; `beta` is then unused.
 """
 
 import json
@@ -32,7 +34,7 @@ from models.run import (SpikeGuard, StopSignal, WeightAverage, any_rank, hardwar
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data_dir: str = ""  # folder of training photos (searched recursively)
+    data_dir: str = ""  # folder of training photos (searched recursively); several: joined by os.pathsep (":")
     val_dir: str = ""  # optional held-out folder, validated on whole images
     out_dir: str = "runs/default"  # checkpoint, config.json and log.jsonl go here
     crop: int = 256  # random crop size
@@ -44,6 +46,8 @@ class TrainConfig:
     lr_decay_steps: int = 1500
     grad_clip: float = 0.0  # max gradient norm (of the summed-nats loss), 0 = off
     gamma_lr: float = 0.0  # learning rate of a learned log γ, 0 = lr (γ moves slowly at lr 3e-5)
+    conditioning_lr: float = 0.0  # learning rate of a variable-rate model's β tables, 0 = lr (they start at
+    # zero and must move by O(1) to set each rate, which takes 10k+ steps at a fine-tuning lr of 1e-4)
     beta: float = 0.1
     kl_warmup: int = 46_540  # W, steps of linear KL warm-up (thesis: 4 epochs)
     seed: int = 1337
@@ -131,10 +135,45 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, beta: float, weight: float, autocast) -> dict:
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor, weight: float, autocast) -> dict:
         with autocast:
-            out = self.model(x)
+            out = self.model(x, beta=beta)
         return elbo_loss(self.model, x, out, beta, weight)
+
+
+def batch_betas(model_cfg: ModelConfig, cfg: "TrainConfig", step: int, rank: int, batch: int) -> float | torch.Tensor:
+    """This step's β: the fixed `beta`, or one per image, log-uniform over a variable-rate model's range
+    (a pure function of seed, rank and step, like the crops, so a resumed run draws the same)."""
+    if not model_cfg.beta_knots:
+        return cfg.beta
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_000_009 + step)
+    lo, hi = math.log(model_cfg.beta_min), math.log(model_cfg.beta_max)
+    return torch.exp(lo + (hi - lo) * torch.rand(batch, generator=gen))
+
+
+def validation_betas(model_cfg: ModelConfig) -> list[float | None]:
+    """β values validated at: the ends and the geometric middle of a variable-rate model's range."""
+    if not model_cfg.beta_knots:
+        return [None]
+    return [model_cfg.beta_min, math.sqrt(model_cfg.beta_min * model_cfg.beta_max), model_cfg.beta_max]
+
+
+def load_weights(model, state: dict) -> None:
+    """Load a state dict; a variable-rate model may take a fixed-β model's weights, its missing
+    conditioning tables keeping their zero start (the same function at every β)."""
+    result = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                   strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("conditioning.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"weights do not fit this model: missing {missing[:3]}, unexpected "
+                           f"{result.unexpected_keys[:3]}")
+
+
+def load_initial_weights(model, path: str) -> dict:
+    """`--init_from`: the weights of a checkpoint or model file; returns the provenance entry."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    load_weights(model, blob["model"] if "model" in blob else blob["state_dict"])
+    return {"from": path, "step": blob.get("step", blob.get("meta", {}).get("step"))}
 
 
 def use_bf16(amp: str, device: torch.device) -> bool:
@@ -169,7 +208,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
+def validate(model, images: list[torch.Tensor], device: torch.device, beta: float | None = None) -> dict:
     """KL bpp, PSNR and MS-SSIM of one posterior-sample reconstruction per whole image (fp32)."""
     from pytorch_msssim import ms_ssim
 
@@ -180,7 +219,7 @@ def validate(model, images: list[torch.Tensor], device: torch.device) -> dict:
     torch.manual_seed(0)  # the same posterior noise at every validation
     for x in images:
         x = x.to(device)
-        out = model(x)
+        out = model(x, beta=beta)
         kl_bits += sum(k.sum().item() for k in out["kl"].values()) / math.log(2)
         pixels += x.shape[-2] * x.shape[-1]
         x8, y8 = (x * 255).round(), (out["x_hat"] * 255).round()
@@ -219,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no checkpoint to resume from: {ckpt_path}")
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             cfg, model_cfg, _ = resolve_config(argv, base=ckpt["config"])
-            if model_cfg.to_dict() != {k: ckpt["config"][k] for k in MODEL_KEYS}:
+            if model_cfg.to_dict() != {**ModelConfig().to_dict(), **{k: ckpt["config"][k] for k in MODEL_KEYS
+                                                                       if k in ckpt["config"]}}:
                 raise ValueError("model settings cannot change on resume; start a new out_dir instead")
         if "export" not in flags:
             if not cfg.data_dir:
@@ -241,18 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(model_cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    gamma_params = [p for n, p in model.named_parameters() if n == "likelihood.log_gamma"]
-    other_params = [p for n, p in model.named_parameters() if n != "likelihood.log_gamma"]
-    optimizer = torch.optim.Adam([{"params": other_params, "lr_scale": 1.0},
-                                  {"params": gamma_params, "lr_scale": cfg.gamma_lr / cfg.lr if cfg.gamma_lr else 1.0}],
-                                 lr=cfg.lr)
+    groups = {"other": [], "gamma": [], "conditioning": []}
+    for name, param in model.named_parameters():
+        key = ("gamma" if name == "likelihood.log_gamma" else
+               "conditioning" if name.startswith("conditioning.") else "other")
+        groups[key].append(param)
+    lr_scale = {"other": 1.0, "gamma": cfg.gamma_lr / cfg.lr if cfg.gamma_lr else 1.0,
+                "conditioning": cfg.conditioning_lr / cfg.lr if cfg.conditioning_lr else 1.0}
+    # the groups keep this order (and an empty conditioning group), so fixed-β checkpoints resume as before
+    optimizer = torch.optim.Adam([{"params": params, "lr_scale": lr_scale[key]} for key, params in groups.items()
+                                  if params or key != "conditioning"], lr=cfg.lr)
     step, best_val = 0, float("inf")
     provenance = dict(ckpt.get("provenance", {})) if ckpt is not None else {}
     if cfg.init_from and ckpt is None:
         try:
-            blob = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-            model.load_state_dict(blob["model"] if "model" in blob else blob["state_dict"])
-            provenance["init"] = {"from": cfg.init_from, "step": blob.get("step", blob.get("meta", {}).get("step"))}
+            provenance["init"] = load_initial_weights(model, cfg.init_from)
         except (OSError, KeyError, RuntimeError) as e:
             print(f"train.py: error: cannot initialise from {cfg.init_from}: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
@@ -300,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_000_007 + step)  # posterior noise of this step
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
-            terms = net(x, cfg.beta, kl_weight(step + 1, cfg.kl_warmup), autocast)
+            beta = batch_betas(model_cfg, cfg, step, rank, x.shape[0])
+            beta = beta.to(device) if isinstance(beta, torch.Tensor) else beta
+            terms = net(x, beta, kl_weight(step + 1, cfg.kl_warmup), autocast)
             kl = float(terms["kl"].detach())
             # no spike test during the KL warm-up: the KL climbs fast while its weight is small
             # (thesis-size runs at β = 0.1 and 0.01 were stopped at steps 60-117 by such "spikes")
@@ -335,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(loss=f"{record['loss']:.0f}", kl_bpp=f"{record['kl_bpp']:.3f}",
                                 psnr=f"{record['psnr']:.2f}")
                 if val_images and step % cfg.val_every == 0:
-                    record.update(validate(model, val_images, device))
-                    best_val = min(best_val, record["loss"])
+                    for b in validation_betas(model_cfg):
+                        at = "" if b is None else f"@{b:g}"
+                        record.update({k + at: v for k, v in validate(model, val_images, device, b).items()})
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if board is not None:

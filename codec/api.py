@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from codec import CoderParams, RecDecodeError, decode_level, encode_level
-from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
+from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_code, pack_rec, unpack_rec
 from codec.image import to_tensor, to_uint8
 from codec.params import PRESETS, REGISTERED_FORMATS, registered_id
 from models import LatentVariableModel, file_sha256, load_model
@@ -78,7 +78,7 @@ def _check_size(height: int, width: int, max_pixels: int) -> None:
                                  f"limit of {max_pixels} (images are coded whole)")
 
 
-def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (H, W, 3) array, or a (1|-, 3, H, W) tensor (uint8, or float in [0, 1])."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -90,6 +90,26 @@ def _as_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+def coding_beta(model: LatentVariableModel, beta: float | None) -> tuple[float | None, int | None]:
+    """(β the networks run at, its header code) for a file; (None, None) for a fixed-β model.
+
+    The β is rounded to the header's grid (1/256 octave) first, so the decoder, which only sees the
+    code, conditions on exactly the same number. ValueError if a variable-rate model gets no β or one
+    outside its range, or a fixed-β model gets one."""
+    if not model.variable_rate:
+        if beta is not None:
+            raise ValueError("this model was trained at a single β: β, quality and bpp targets need a "
+                             "variable-rate model")
+        return None, None
+    lo, hi = model.beta_range
+    if beta is None:
+        raise ValueError(f"this model is variable-rate: give the β to code at (its range is {lo:g} to {hi:g})")
+    code = beta_to_code(beta)
+    if not beta_to_code(lo) <= code <= beta_to_code(hi):
+        raise ValueError(f"β = {beta:g} is outside this model's range {lo:g} to {hi:g}")
+    return beta_from_code(code), code
+
+
 def _deterministic(device: torch.device) -> None:
     if device.type == "cuda":  # same device => same bits: no autotuned conv algorithms
         torch.backends.cudnn.deterministic = True
@@ -99,7 +119,7 @@ def _deterministic(device: torch.device) -> None:
 @torch.inference_mode()
 def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor, *, model_ref: ModelRef,
                    seed: int = 0, params: CoderParams | str = "thesis", device: str | torch.device = "cpu",
-                   max_pixels: int = MAX_PIXELS) -> tuple[bytes, np.ndarray, dict]:
+                   max_pixels: int = MAX_PIXELS, beta: float | None = None) -> tuple[bytes, np.ndarray, dict]:
     """Compress one image into .rec bytes.
 
     Args:
@@ -108,10 +128,12 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
         model_ref: name + SHA-256 prefix of the model file, written into the header.
         seed: the file seed of the shared randomness, in [0, 2^64).
         params: a CoderParams or a preset name ("thesis", "fast").
+        beta: the rate setting of a variable-rate model (larger = smaller files), rounded to the
+            header's 1/256-octave grid; must be None for a model trained at one β.
     Returns:
         (data, x_hat, stats): the file bytes, the (H, W, 3) uint8 image they decode to, and
         {"height", "width", "bytes", "bpp" (8 * bytes / (H W), header included), "kl_bits",
-        "kl_bpp", "levels" (the coder's per-level stats), "seconds"}.
+        "kl_bpp", "levels" (the coder's per-level stats), "beta" (the coded β or None), "seconds"}.
     Raises:
         ImageTooLargeError: more than max_pixels pixels. ValueError: bad arguments.
     """
@@ -121,14 +143,15 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
     coder, params = _coder(params)
     if model.num_levels not in (1, 2):
         raise ValueError(f"models with {model.num_levels} levels are not supported")
-    x = _as_image(image).to(device)  # (1, 3, H, W)
+    x = image_tensor(image).to(device)  # (1, 3, H, W)
     height, width = x.shape[-2:]
     _check_size(height, width, max_pixels)
+    beta, beta_code = coding_beta(model, beta)
     model = model.to(device).eval()
-    feats = model.bottom_up(model.pad(x))
+    feats = model.bottom_up(model.pad(x), beta)
     z, sections, levels = None, [], []
     for level in range(model.num_levels, 0, -1):
-        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)))
+        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)), beta)
         q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
         # z is the CODED sample: the next level's prior and posterior are computed from it
         z, data, stats = encode_level(q_loc, q_scale, p_loc, p_scale, seed=seed, level=level,
@@ -137,13 +160,13 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
         levels.append(stats)
         del q_loc, q_scale
     del feats
-    x_hat = to_uint8(model.synthesize(z)[..., :height, :width])
+    x_hat = to_uint8(model.synthesize(z, beta)[..., :height, :width])
     header = RecHeader(model_ref.name, model_ref.sha256, height, width, seed, coder,
-                       params_to_bytes(params, model.num_levels))
+                       params_to_bytes(params, model.num_levels), beta_code=beta_code)
     data = pack_rec(header, sections)
     kl_bits = sum(s["kl_bits"] for s in levels)
     stats = {"height": height, "width": width, "bytes": len(data), "bpp": 8 * len(data) / (height * width),
-             "kl_bits": kl_bits, "kl_bpp": kl_bits / (height * width), "levels": levels,
+             "kl_bits": kl_bits, "kl_bpp": kl_bits / (height * width), "levels": levels, "beta": beta,
              "seconds": time.perf_counter() - t0}
     return data, x_hat, stats
 
@@ -225,14 +248,29 @@ def decompress(data: bytes, resolve: Resolver, device: str | torch.device = "cpu
     if len(sections) != model.num_levels:
         raise RecFormatError("n_sections", f"{len(sections)} sections, but the model has {model.num_levels} levels")
     params = params_from_header(header, model.num_levels)
+    beta = _header_beta(header, model)
     height, width, z = header.height, header.width, None
     for i, level in enumerate(range(model.num_levels, 0, -1)):
-        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)))
+        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)), beta)
         try:
             z = decode_level(p_loc, p_scale, sections[i], seed=header.seed, level=level, params=params)
         except RecDecodeError as e:
             raise RecFormatError(f"section {i + 1} (level {level})", str(e)) from None
-    return to_uint8(model.synthesize(z)[..., :height, :width]), header
+    return to_uint8(model.synthesize(z, beta)[..., :height, :width]), header
+
+
+def _header_beta(header: RecHeader, model: LatentVariableModel) -> float | None:
+    """The β to decode at; RecFormatError if the file and its model disagree on having one."""
+    if not model.variable_rate:
+        if header.beta_code is not None:
+            raise RecFormatError("beta_code", "the file carries a β, but its model was trained at a single β")
+        return None
+    if header.beta_code is None:
+        raise RecFormatError("beta_code", "the model is variable-rate, but the file carries no β")
+    try:
+        return coding_beta(model, header.beta)[0]
+    except ValueError as e:
+        raise RecFormatError("beta_code", str(e)) from None
 
 
 # ---- model files ---------------------------------------------------------------------------------
@@ -261,7 +299,9 @@ def describe_model(path: Path) -> dict:
     return {"name": path.stem, "path": str(path), "arch": blob.get("arch"), "channels": config.get("channels"),
             "parameters": sum(t.numel() for t in blob["state_dict"].values()),
             "megabytes": round(path.stat().st_size / 1e6, 1),
-            "beta": (meta.get("train_config") or {}).get("beta"), "steps": record.get("steps"),
+            "beta": None if config.get("beta_knots") else (meta.get("train_config") or {}).get("beta"),
+            "beta_range": [config["beta_min"], config["beta_max"]] if config.get("beta_knots") else None,
+            "validation": record.get("validation"), "steps": record.get("steps"),
             "minutes": record.get("minutes"), "hardware": segments[-1].get("hardware") if segments else None,
             "init_from": (record.get("init") or {}).get("from"),
             "train_kl_bpp": terms.get("kl_bpp"), "train_psnr": terms.get("psnr")}

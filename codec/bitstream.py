@@ -5,14 +5,20 @@ Layout (big-endian; the full spec with examples is docs/rec-format.md):
     magic "\\x89REC" | u8 format_version | u8 rng_version | 8s model_sha256[:8]
     | u32 height | u32 width | u64 seed
     | u8 len + model_name (ASCII) | u8 len + coder (ASCII) | u16 len + coder_params (bytes)
+    | u16 beta_code                                                  # version 2 only
     | u8 n_sections | n_sections x (u8 level | u32 len | bytes)     # top level first
     | u32 CRC32 of everything before
+
+Version 2 adds the β a variable-rate model coded the image at (`beta_code`, 1/256-octave steps; see
+beta_to_code). A file is written in the oldest version that holds it: version 1 for fixed-β models, so
+builds that predate version 2 still read those files.
 
 Reading checks the magic and the format version first (a future version may change the
 layout), then the CRC, then every field against the limits below. Any failure raises
 RecFormatError naming the field at fault. Bump FORMAT_VERSION on ANY change of the layout.
 """
 
+import math
 import os
 import re
 import struct
@@ -24,7 +30,8 @@ from pathlib import Path
 from codec.rng import RNG_VERSION
 
 MAGIC = b"\x89REC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest layout this build writes and reads
+READABLE_VERSIONS = (1, 2)
 SUPPORTED_RNG_VERSIONS = (RNG_VERSION,)
 
 MAX_SIDE = 1 << 16  # pixels per side: no image a codec can hold in memory is larger
@@ -32,10 +39,26 @@ MAX_NAME = 64  # model name / coder id characters
 MAX_PARAMS = 4096  # bytes of coder parameters (parsed and checked by codec.api)
 MAX_SECTIONS = 8  # latent levels
 MAX_FILE_BYTES = 1 << 30
+BETA_STEPS_PER_OCTAVE = 256  # beta_code = 32768 + 256·log2(β): β from 2^-128 to 2^128 in 0.27 % steps
 NAME_RE = re.compile(rf"[A-Za-z0-9._+-]{{1,{MAX_NAME}}}")
 
 _FIXED = struct.Struct(">4sBB8sIIQ")  # magic .. seed: 30 bytes
 _MIN_SIZE = _FIXED.size + 2 + 2 + 2 + 1 + 5 + 4  # 1-char names, no params, one empty section
+
+
+def beta_to_code(beta: float) -> int:
+    """The nearest representable β's code; a variable-rate encoder codes at beta_from_code(code), so that
+    encoder and decoder condition their networks on the same float."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"β must be a positive number, got {beta}")
+    code = 32768 + round(BETA_STEPS_PER_OCTAVE * math.log2(beta))
+    if not 1 <= code <= 0xFFFF:
+        raise ValueError(f"β = {beta} is outside what a .rec file can hold (2^-128 .. 2^128)")
+    return code
+
+
+def beta_from_code(code: int) -> float:
+    return 2.0 ** ((code - 32768) / BETA_STEPS_PER_OCTAVE)
 
 
 class RecFormatError(ValueError):
@@ -59,6 +82,15 @@ class RecHeader:
     coder: str = "thesis"  # the coder preset the file was written with (informational)
     coder_params: bytes = b""  # what the decoder depends on (codec.api.params_to_bytes)
     rng_version: int = RNG_VERSION
+    beta_code: int | None = None  # the β of a variable-rate model (format version 2), else None
+
+    @property
+    def format_version(self) -> int:
+        return 1 if self.beta_code is None else 2
+
+    @property
+    def beta(self) -> float | None:
+        return None if self.beta_code is None else beta_from_code(self.beta_code)
 
     def validate(self) -> None:
         """Raise RecFormatError unless every field is within the format's limits."""
@@ -77,13 +109,15 @@ class RecHeader:
                 raise RecFormatError(name, f"{value!r} is not 1-{MAX_NAME} characters of [A-Za-z0-9._+-]")
         if not isinstance(self.coder_params, bytes) or len(self.coder_params) > MAX_PARAMS:
             raise RecFormatError("coder_params", f"must be at most {MAX_PARAMS} bytes")
+        if self.beta_code is not None and not 1 <= self.beta_code <= 0xFFFF:
+            raise RecFormatError("beta_code", f"{self.beta_code} is outside [1, 65535]")
 
     def to_dict(self) -> dict:
         """Plain-JSON view for `compress.py info`."""
-        return {"format_version": FORMAT_VERSION, "rng_version": self.rng_version,
+        return {"format_version": self.format_version, "rng_version": self.rng_version,
                 "model_name": self.model_name, "model_hash": self.model_hash.hex(),
                 "height": self.height, "width": self.width, "seed": self.seed, "coder": self.coder,
-                "coder_params": self.coder_params.hex()}
+                "coder_params": self.coder_params.hex(), "beta": self.beta}
 
 
 def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
@@ -91,11 +125,13 @@ def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
     header.validate()
     if not 1 <= len(sections) <= MAX_SECTIONS:
         raise RecFormatError("n_sections", f"{len(sections)} is outside [1, {MAX_SECTIONS}]")
-    out = bytearray(_FIXED.pack(MAGIC, FORMAT_VERSION, header.rng_version, header.model_hash,
+    out = bytearray(_FIXED.pack(MAGIC, header.format_version, header.rng_version, header.model_hash,
                                 header.height, header.width, header.seed))
     for text in (header.model_name, header.coder):
         out += struct.pack(">B", len(text)) + text.encode("ascii")
     out += struct.pack(">H", len(header.coder_params)) + header.coder_params
+    if header.beta_code is not None:
+        out += struct.pack(">H", header.beta_code)
     out += struct.pack(">B", len(sections))
     for i, data in enumerate(sections):
         out += struct.pack(">BI", len(sections) - i, len(data)) + data
@@ -124,7 +160,7 @@ class _Reader:
 
 def _parse(data: bytes) -> tuple[RecHeader, list[bytes]]:
     r = _Reader(data, len(data) - 4)  # the last 4 bytes are the CRC
-    _, _, rng_version, model_hash, height, width, seed = r.unpack(_FIXED.format, "header")
+    _, version, rng_version, model_hash, height, width, seed = r.unpack(_FIXED.format, "header")
     texts = []
     for field in ("model_name", "coder"):
         (n,) = r.unpack(">B", field)
@@ -135,6 +171,7 @@ def _parse(data: bytes) -> tuple[RecHeader, list[bytes]]:
             raise RecFormatError(field, "not ASCII") from None
     (n,) = r.unpack(">H", "coder_params")
     params = r.take(n, "coder_params")
+    beta_code = r.unpack(">H", "beta_code")[0] if version >= 2 else None
     (n_sections,) = r.unpack(">B", "n_sections")
     if not 1 <= n_sections <= MAX_SECTIONS:
         raise RecFormatError("n_sections", f"{n_sections} is outside [1, {MAX_SECTIONS}]")
@@ -146,7 +183,7 @@ def _parse(data: bytes) -> tuple[RecHeader, list[bytes]]:
         sections.append(r.take(length, f"section {i + 1} (level {level})"))
     if r.pos != r.end:
         raise RecFormatError("file", f"{r.end - r.pos} unexpected bytes before the CRC")
-    header = RecHeader(texts[0], model_hash, height, width, seed, texts[1], params, rng_version)
+    header = RecHeader(texts[0], model_hash, height, width, seed, texts[1], params, rng_version, beta_code)
     return header, sections
 
 
@@ -158,9 +195,9 @@ def unpack_rec(data: bytes) -> tuple[RecHeader, list[bytes]]:
     if data[:4] != MAGIC:
         raise RecFormatError("magic", f"truncated: {len(data)} bytes" if MAGIC.startswith(data)
                              else "not a .rec file")
-    if len(data) >= 5 and data[4] != FORMAT_VERSION:
+    if len(data) >= 5 and data[4] not in READABLE_VERSIONS:
         raise RecFormatError("format_version", f".rec format version {data[4]} is not supported "
-                             f"(this build reads version {FORMAT_VERSION})")
+                             f"(this build reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if len(data) < _MIN_SIZE:
         raise RecFormatError("file", f"truncated: {len(data)} bytes, a .rec file has at least {_MIN_SIZE}")
     (crc,) = struct.unpack(">I", data[-4:])

@@ -2,15 +2,18 @@
 
 The coder never sees the networks. It walks the levels top-down through four hooks:
 
-    feats = model.bottom_up(x)                          # x padded to model.pad_size(H, W)
+    feats = model.bottom_up(x, beta)                    # x padded to model.pad_size(H, W)
     for level in (L, ..., 1):
-        p_loc, p_scale = model.prior(level, z_above, model.latent_shape(level, H, W))
+        p_loc, p_scale = model.prior(level, z_above, model.latent_shape(level, H, W), beta)
         q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
         z_above = <a sample of q, coded or exact>
-    x_hat = model.synthesize(z_above)                   # then crop to (H, W)
+    x_hat = model.synthesize(z_above, beta)             # then crop to (H, W)
 
 Because `prior` and `posterior` take the level above's sample as an argument, the encoder recomputes
 the level-1 prior *and* posterior from the coded z2, as the decoder will see it.
+
+`beta` is the rate setting of a variable-rate model (`model.variable_rate`; a float or a (B,) tensor,
+one β per image); a model trained at one β ignores it.
 """
 
 import math
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conditioning import Conditioning
 from .config import ModelConfig
 from .distributions import LN2, PixelLikelihood, gaussian_kl, sample_gaussian
 
@@ -36,6 +40,34 @@ class LatentVariableModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.likelihood = PixelLikelihood(cfg.likelihood, cfg.gamma, cfg.learn_gamma, cfg.gamma_min)
+        self.conditioning: Conditioning | None = None
+
+    def condition_on_beta(self, sites: dict[str, int]) -> None:
+        """Subclasses call this last in __init__ with {site: channels} when cfg.beta_knots > 0."""
+        cfg = self.cfg
+        if cfg.beta_knots:
+            self.conditioning = Conditioning(cfg.beta_min, cfg.beta_max, cfg.beta_knots, sites)
+
+    # ---- rate conditioning (models/conditioning.py) -----------------------------------------------
+    @property
+    def variable_rate(self) -> bool:
+        return self.conditioning is not None
+
+    @property
+    def beta_range(self) -> tuple[float, float] | None:
+        return (self.cfg.beta_min, self.cfg.beta_max) if self.variable_rate else None
+
+    def beta_weights(self, beta: float | Tensor | None, like: Tensor) -> Tensor | None:
+        """Knot weights (B, K) for a batch shaped like `like`; None for a model trained at one β."""
+        if self.conditioning is None:
+            return None
+        if beta is None:
+            raise ValueError("this model is variable-rate: give the β to code at")
+        beta = torch.as_tensor(beta, dtype=torch.float32, device=like.device).reshape(-1)
+        return self.conditioning.weights(beta.expand(like.shape[0]))
+
+    def film(self, site: str, h: Tensor, weights: Tensor | None) -> Tensor:
+        return h if weights is None else self.conditioning.modulate(site, h, weights)
 
     # ---- geometry -------------------------------------------------------------------------------
     @property
@@ -59,10 +91,11 @@ class LatentVariableModel(nn.Module):
         raise NotImplementedError
 
     # ---- the level interface (see module docstring) ----------------------------------------------
-    def bottom_up(self, x: Tensor) -> dict[str, Tensor]:
+    def bottom_up(self, x: Tensor, beta: float | Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def prior(self, level: int, z_above: Tensor | None, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def prior(self, level: int, z_above: Tensor | None, shape: tuple[int, ...],
+              beta: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """p(z_level | z_above); the top level's prior is N(0, I) of `shape` = (B, C, h, w)."""
         raise NotImplementedError
 
@@ -70,9 +103,15 @@ class LatentVariableModel(nn.Module):
                   ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def synthesize(self, z1: Tensor) -> Tensor:
+    def synthesize(self, z1: Tensor, beta: float | Tensor | None = None) -> Tensor:
         """Decode level-1 latents into a padded image in (0, 1), float32."""
-        return torch.sigmoid(self.g_s(z1).float())
+        weights = self.beta_weights(beta, z1)
+        h = z1
+        for i, layer in enumerate(self.g_s):
+            h = layer(h)
+            if i < len(self.g_s) - 1:
+                h = self.film(f"g_s{i}", h, weights)
+        return torch.sigmoid(h.float())
 
     def standard_prior(self, shape: tuple[int, ...], like: Tensor | None) -> tuple[Tensor, Tensor]:
         device = like.device if like is not None else next(self.parameters()).device
@@ -80,33 +119,49 @@ class LatentVariableModel(nn.Module):
         return zeros, torch.ones_like(zeros)
 
     # ---- training / evaluation pass -------------------------------------------------------------
-    def forward(self, x: Tensor, sample: bool = True) -> dict:
+    def forward(self, x: Tensor, sample: bool = True, beta: float | Tensor | None = None) -> dict:
         """Full pass with reparameterised posterior samples (or posterior means with sample=False).
 
-        Returns {"x_hat": (B,3,H,W) float32, "kl": {level: (B,C,h,w) KL in nats}}.
+        Returns {"x_hat": (B,3,H,W) float32, "kl": {level: (B,C,h,w) KL in nats}}, and for a
+        variable-rate model "log_gamma_offset": (B,) the likelihood's log γ shift at each image's β.
         """
         height, width = x.shape[-2:]
-        feats = self.bottom_up(self.pad(x))
+        z1, kl = self.infer(x, sample, beta)
+        out = {"x_hat": self.synthesize(z1, beta)[..., :height, :width], "kl": kl}
+        if self.conditioning is not None:
+            out["log_gamma_offset"] = self.conditioning.log_gamma_offset(self.beta_weights(beta, x))
+        return out
+
+    def infer(self, x: Tensor, sample: bool = True, beta: float | Tensor | None = None
+              ) -> tuple[Tensor, dict[int, Tensor]]:
+        """The encoder's top-down walk without synthesis: (z1, {level: KL per dimension in nats}), each
+        level's z a reparameterised posterior sample (or its mean with sample=False)."""
+        height, width = x.shape[-2:]
+        feats = self.bottom_up(self.pad(x), beta)
         z_above, kl = None, {}
         for level in range(self.num_levels, 0, -1):
             shape = (x.shape[0], *self.latent_shape(level, height, width))
-            p_loc, p_scale = self.prior(level, z_above, shape)
+            p_loc, p_scale = self.prior(level, z_above, shape, beta)
             q_loc, q_scale = self.posterior(level, feats, p_loc, p_scale)
             kl[level] = gaussian_kl(q_loc, q_scale, p_loc, p_scale)
             z_above = sample_gaussian(q_loc, q_scale) if sample else q_loc
-        x_hat = self.synthesize(z_above)[..., :height, :width]
-        return {"x_hat": x_hat, "kl": kl}
+        return z_above, kl
 
 
-def elbo_loss(model: LatentVariableModel, x: Tensor, out: dict, beta: float, kl_weight: float) -> dict:
-    """β-ELBO per batch: [Σ pixel NLL + β·w(t)·Σ KL (all levels)] / B, in nats; plus logging terms."""
+def elbo_loss(model: LatentVariableModel, x: Tensor, out: dict, beta: float | Tensor, kl_weight: float) -> dict:
+    """β-ELBO per batch: [Σ pixel NLL + β·w(t)·Σ KL (all levels)] / B, in nats; plus logging terms.
+
+    `beta` may be a (B,) tensor, one β per image (a variable-rate model's training batch)."""
     batch, num_pixels = x.shape[0], x.shape[-2] * x.shape[-1]
-    nll = model.likelihood.nll(x, out["x_hat"]).sum() / batch
-    kl_per_level = {level: k.sum() / batch for level, k in out["kl"].items()}
-    kl = sum(kl_per_level.values())
+    nll_per_image = model.likelihood.nll(x, out["x_hat"], out.get("log_gamma_offset")).flatten(1).sum(1)
+    kl_per_level = {level: k.flatten(1).sum(1) for level, k in out["kl"].items()}
+    kl_per_image = sum(kl_per_level.values())
+    nll, kl = nll_per_image.sum() / batch, kl_per_image.sum() / batch
+    kl_per_level = {level: k.sum() / batch for level, k in kl_per_level.items()}
     mse = F.mse_loss(out["x_hat"].float(), x.float())
+    beta = torch.as_tensor(beta, dtype=torch.float32, device=x.device)
     return {
-        "loss": nll + beta * kl_weight * kl,
+        "loss": (nll_per_image + beta * kl_weight * kl_per_image).sum() / batch,
         "nll": nll,
         "kl": kl,
         "kl_bpp": kl / (LN2 * num_pixels),

@@ -19,6 +19,9 @@ class ModelConfig:
     gamma_min: float = 0.0  # γ∞: lower clamp of γ, 0 = none (the thesis code had none)
     log_scale_min: float = -9.0  # clamp of encoder log-scales, bounding any single dimension's KL
     log_scale_max: float = 4.0
+    beta_knots: int = 0  # > 0: a variable-rate model conditioned on β (models/conditioning.py), 0 = one β
+    beta_min: float = 0.0  # the β range a variable-rate model is trained for and accepts
+    beta_max: float = 0.0
 
     def __post_init__(self):
         if self.arch not in ("pln", "vae"):
@@ -27,6 +30,9 @@ class ModelConfig:
             raise ValueError(f"unknown combine rule {self.combine!r} (expected 'product' or 'thesis')")
         if self.likelihood not in ("laplace", "gaussian"):
             raise ValueError(f"unknown likelihood {self.likelihood!r} (expected 'laplace' or 'gaussian')")
+        if self.beta_knots and not (self.beta_knots >= 2 and 0 < self.beta_min < self.beta_max):
+            raise ValueError(f"a variable-rate model needs beta_knots >= 2 and 0 < beta_min < beta_max, got "
+                             f"{self.beta_knots} knots over [{self.beta_min}, {self.beta_max}]")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,6 +4,7 @@ Each batch is a pure function of its step number, so a resumed run sees exactly 
 uninterrupted run would have, with no sampler state to save; each DDP rank draws its own stream.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,17 @@ class DataError(ValueError):
     """A data folder that cannot be trained on (missing, empty, unreadable or too-small images)."""
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"data folder not found: {folder}")
-    files = find_images(folder)
-    if not files:
-        raise DataError(f"no images (.png/.jpg/...) in data folder: {folder}")
+def list_images(folders: str | Path) -> list[Path]:
+    """The images under a folder, or under each of several separated by os.pathsep (`photos:photos-extra`)."""
+    files = []
+    for folder in str(folders).split(os.pathsep):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"data folder not found: {folder}")
+        found = find_images(folder)
+        if not found:
+            raise DataError(f"no images (.png/.jpg/...) in data folder: {folder}")
+        files += found
     return files
 
 

@@ -68,9 +68,12 @@ class PixelLikelihood(nn.Module):
     def gamma(self) -> Tensor:
         return self.log_gamma.exp().clamp(min=self.gamma_min)
 
-    def nll(self, x: Tensor, x_hat: Tensor) -> Tensor:
-        """Negative log-likelihood per element, in nats."""
+    def nll(self, x: Tensor, x_hat: Tensor, log_gamma_offset: Tensor | None = None) -> Tensor:
+        """Negative log-likelihood per element, in nats; `log_gamma_offset` (B,) shifts each image's log γ
+        (a variable-rate model's γ depends on the β it codes at)."""
         gamma = self.gamma
+        if log_gamma_offset is not None:
+            gamma = (self.log_gamma + log_gamma_offset.float()).exp().clamp(min=self.gamma_min)[:, None, None, None]
         err = x.float() - x_hat.float()
         if self.kind == "laplace":
             return torch.log(2.0 * gamma) + err.abs() / gamma

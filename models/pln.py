@@ -52,6 +52,9 @@ class LadderVAE(LatentVariableModel):
         self.g_s = synthesis(f, n)
         # the level-2 posterior scale's floor, as a Python float holding the float32 value (any device)
         self.min_scale2 = torch.tensor(cfg.log_scale_min).exp().item()
+        self.condition_on_beta({"g_a0": n, "g_a1": n, "g_a2": n, "loc1": f, "scale1": f, "h_a0": m, "h_a1": m,
+                                "loc2": g, "scale2": g, "h_s0": m, "h_s1": m, "prior_loc": f, "prior_scale": f,
+                                "g_s0": n, "g_s1": n, "g_s2": n})
 
     def latent_shape(self, level: int, height: int, width: int) -> tuple[int, int, int]:
         ph, pw = self.pad_size(height, width)
@@ -59,26 +62,32 @@ class LadderVAE(LatentVariableModel):
             return self.cfg.latents, ph // 16, pw // 16
         return self.cfg.level2_latents, ph // 32, pw // 32
 
-    def bottom_up(self, x: Tensor) -> dict[str, Tensor]:
-        e1 = self.g_a[0](x)
-        e2 = self.g_a[1](e1)
-        h = self.g_a[2](e2)
+    def bottom_up(self, x: Tensor, beta=None) -> dict[str, Tensor]:
+        w = self.beta_weights(beta, x)
+        e1 = self.film("g_a0", self.g_a[0](x), w)
+        e2 = self.film("g_a1", self.g_a[1](e1), w)
+        h = self.film("g_a2", self.g_a[2](e2), w)
         if self.cfg.residual:
             h = torch.cat([h, self.skip1(e1), self.skip2(e2)], dim=1)
-        loc1 = self.loc_head(h)
-        a = self.h_a(loc1)
+        loc1 = self.film("loc1", self.loc_head(h), w)
+        a = self.film("h_a0", self.h_a[0](loc1), w)
+        a = self.film("h_a1", self.h_a[1](a), w)
+        scale2 = self.film("scale2", self.scale2_head(a), w)
         return {
             "loc1": loc1.float(),
-            "scale1": bounded_scale(self.scale_head(h), self.cfg),
-            "loc2": self.loc2_head(a).float(),
-            "scale2": torch.sigmoid(self.scale2_head(a).float()).clamp(min=self.min_scale2),
+            "scale1": bounded_scale(self.film("scale1", self.scale_head(h), w), self.cfg),
+            "loc2": self.film("loc2", self.loc2_head(a), w).float(),
+            "scale2": torch.sigmoid(scale2.float()).clamp(min=self.min_scale2),
         }
 
-    def prior(self, level, z_above, shape):
+    def prior(self, level, z_above, shape, beta=None):
         if level == 2:
             return self.standard_prior(shape, z_above)
-        d = self.h_s(z_above)
-        return self.prior_loc_head(d).float(), bounded_scale(self.prior_scale_head(d), self.cfg)
+        w = self.beta_weights(beta, z_above)
+        d = self.film("h_s0", self.h_s[0](z_above), w)
+        d = self.film("h_s1", self.h_s[1](d), w)
+        return (self.film("prior_loc", self.prior_loc_head(d), w).float(),
+                bounded_scale(self.film("prior_scale", self.prior_scale_head(d), w), self.cfg))
 
     def posterior(self, level, feats, p_loc, p_scale):
         if level == 2:

@@ -66,8 +66,10 @@ def training_record(out_dir: str, step: int, provenance: dict, init_from: str = 
                         for a, b in zip(bounds, bounds[1:] + [len(early)])]
     last = records[-50:]
     final = {k: round(sum(r[k] for r in last) / len(last), 5) for k in FINAL_TERMS if last and k in last[0]}
+    validated = [r for r in records if any(k.startswith("val_") for k in r)]
+    validation = {k: v for k, v in validated[-1].items() if k == "step" or k.startswith("val_")} if validated else None
     return {"steps": step, "minutes": round(sum(seg["minutes"] for seg in segments), 1),
-            "segments": segments, "final_terms": final,
+            "segments": segments, "final_terms": final, "validation": validation,
             "init": provenance.get("init") or ({"from": init_from, "step": None} if init_from else None)}
 
 

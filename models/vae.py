@@ -28,18 +28,23 @@ class GaussianVAE(LatentVariableModel):
         self.loc_head = ConvDS(cfg.channels, cfg.latents)
         self.scale_head = ConvDS(cfg.channels, cfg.latents)
         self.g_s = synthesis(cfg.latents, cfg.channels)
+        n, f = cfg.channels, cfg.latents
+        self.condition_on_beta({"g_a0": n, "g_a1": n, "g_a2": n, "loc1": f, "scale1": f,
+                                "g_s0": n, "g_s1": n, "g_s2": n})
 
     def latent_shape(self, level: int, height: int, width: int) -> tuple[int, int, int]:
         ph, pw = self.pad_size(height, width)
         return self.cfg.latents, ph // 16, pw // 16
 
-    def bottom_up(self, x: Tensor) -> dict[str, Tensor]:
+    def bottom_up(self, x: Tensor, beta=None) -> dict[str, Tensor]:
+        w = self.beta_weights(beta, x)
         h = x
-        for layer in self.g_a:
-            h = layer(h)
-        return {"loc1": self.loc_head(h).float(), "scale1": bounded_scale(self.scale_head(h), self.cfg)}
+        for i, layer in enumerate(self.g_a):
+            h = self.film(f"g_a{i}", layer(h), w)
+        return {"loc1": self.film("loc1", self.loc_head(h), w).float(),
+                "scale1": bounded_scale(self.film("scale1", self.scale_head(h), w), self.cfg)}
 
-    def prior(self, level, z_above, shape):
+    def prior(self, level, z_above, shape, beta=None):
         return self.standard_prior(shape, z_above)
 
     def posterior(self, level, feats, p_loc, p_scale):

@@ -108,10 +108,10 @@ def test_pln_codes_level1_against_the_coded_z2(store, models_dir, monkeypatch):
     seen = {"enc": [], "dec": []}
     real_prior, phase = model.prior, ["enc"]
 
-    def spy(level, z_above, shape):
+    def spy(level, z_above, shape, beta=None):
         if level == 1:
             seen[phase[0]].append(z_above.clone())
-        return real_prior(level, z_above, shape)
+        return real_prior(level, z_above, shape, beta)
 
     monkeypatch.setattr(model, "prior", spy)
     x = image(37, 53)

@@ -37,7 +37,7 @@ def test_roundtrip_preserves_header_and_sections(tmp_path):
 def test_layout_matches_the_spec():
     data = pack_rec(HEADER, SECTIONS)
     assert data[:4] == MAGIC == b"\x89REC"
-    assert data[4:6] == bytes([FORMAT_VERSION, RNG_VERSION])
+    assert data[4:6] == bytes([1, RNG_VERSION])  # no β: written in version 1, which older builds read
     assert data[6:14] == HEADER.model_hash
     assert struct.unpack(">IIQ", data[14:30]) == (37, 53, 7)
     name = HEADER.model_name.encode()
@@ -84,7 +84,8 @@ def test_truncation_names_the_section():
 def test_read_rejects_other_format_version():
     data = bytearray(pack_rec(HEADER, SECTIONS))
     data[4] = FORMAT_VERSION + 1
-    with pytest.raises(RecFormatError, match=r"^format_version: .rec format version 2 is not supported"):
+    with pytest.raises(RecFormatError, match=rf"^format_version: .rec format version {FORMAT_VERSION + 1} is not "
+                                             r"supported \(this build reads versions 1, 2\)$"):
         unpack_rec(recrc(bytes(data)))
 
 
@@ -138,7 +139,7 @@ def test_pack_rejects_invalid_headers():
 
 def test_header_to_dict_is_json_ready():
     d = HEADER.to_dict()
-    assert d["model_hash"] == "0001020304050607" and d["format_version"] == FORMAT_VERSION
+    assert d["model_hash"] == "0001020304050607" and (d["format_version"], d["beta"]) == (1, None)
 
 
 def test_write_atomic_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -1,0 +1,94 @@
+"""Rate control for variable-rate models: named quality levels, and the β that hits a target bpp.
+
+    quality 1 … 8    β spread evenly in log β over the model's range, from beta_max (smallest files)
+                     down to beta_min (largest)
+    target bpp       bisection over the header's β grid on the predicted file size
+                     bits(β) ≈ c · KL_bits(β) + header bits, KL from the networks alone (posterior means,
+                     no coder), then the file is coded; if it misses by more than the tolerance, c is
+                     recalibrated from the file just written and the search repeats (at most `attempts` codes)
+
+A fixed-β model has one rate per image; these need a variable-rate model (ModelConfig.beta_knots).
+"""
+
+import math
+
+import torch
+
+from codec.bitstream import beta_from_code, beta_to_code
+
+QUALITY_LEVELS = 8
+DEFAULT_QUALITY = 4
+BPP_TOLERANCE = 0.03  # relative
+CODER_OVERHEAD = 1.05  # file bits per KL bit before calibration (the greedy coder's 1.03-1.07)
+HEADER_BITS = 8 * 60  # container + section headers of a two-level file, roughly
+
+
+def quality_beta(quality: int, beta_range: tuple[float, float]) -> float:
+    """β of quality level 1 … QUALITY_LEVELS (lower = smaller files)."""
+    if not 1 <= quality <= QUALITY_LEVELS:
+        raise ValueError(f"quality must be 1 to {QUALITY_LEVELS}, got {quality}")
+    lo, hi = beta_range
+    return hi * (lo / hi) ** ((quality - 1) / (QUALITY_LEVELS - 1))
+
+
+@torch.inference_mode()
+def kl_bits(model, x: torch.Tensor, beta: float) -> float:
+    """Total KL in bits of an image (1, 3, H, W) in [0, 1] at β, each level given the mean of the one above."""
+    _, kl = model.infer(x, sample=False, beta=beta)
+    return sum(float(k.double().sum()) for k in kl.values()) / math.log(2)
+
+
+def search_beta(model, x: torch.Tensor, target_bits: float, overhead: float = CODER_OVERHEAD,
+                header_bits: float = HEADER_BITS) -> tuple[float, float]:
+    """(β on the header grid whose predicted size overhead·KL + header is nearest `target_bits`, its KL
+    bits); the end of the model's range when the target lies beyond it. Bisection: KL falls as β grows."""
+    lo, hi = (beta_to_code(b) for b in model.beta_range)
+    cache = {}
+
+    def kl_at(code: int) -> float:
+        if code not in cache:
+            cache[code] = kl_bits(model, x, beta_from_code(code))
+        return cache[code]
+
+    def predicted(code: int) -> float:
+        return overhead * kl_at(code) + header_bits
+
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if predicted(mid) > target_bits:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda c: abs(math.log(predicted(c) / target_bits)))
+    return beta_from_code(best), kl_at(best)
+
+
+def compress_to_bpp(compress, model, x: torch.Tensor, target_bpp: float, attempts: int = 3,
+                    tolerance: float = BPP_TOLERANCE) -> tuple[bytes, object, dict]:
+    """Code `x` at the β whose file lands nearest `target_bpp`.
+
+    `compress(beta)` codes the image and returns (data, x_hat, stats) as codec.api.compress_image does.
+    Returns the closest of the attempts, its stats with "target_bpp" and "attempts" added; whether it is
+    within `tolerance` is for the caller to say.
+    """
+    if not (math.isfinite(target_bpp) and target_bpp > 0):
+        raise ValueError(f"target bpp must be a positive number, got {target_bpp}")
+    target_bits = target_bpp * x.shape[-2] * x.shape[-1]
+    overhead, header_bits, tried, best = CODER_OVERHEAD, HEADER_BITS, set(), None
+    for _ in range(attempts):
+        beta, predicted_kl = search_beta(model, x, target_bits, overhead, header_bits)
+        if beta in tried:  # the search cannot do better than a file already written
+            break
+        tried.add(beta)
+        data, x_hat, stats = compress(beta)
+        error = abs(stats["bpp"] / target_bpp - 1)
+        if best is None or error < best[0]:
+            best = (error, data, x_hat, stats)
+        if error <= tolerance:
+            break
+        # calibrate on this file: its container bits exactly, its sections' bits per predicted KL bit
+        sections_bits = sum(level["bits"] for level in stats["levels"])
+        header_bits = 8 * len(data) - sections_bits
+        overhead = sections_bits / max(predicted_kl, 1.0)
+    _, data, x_hat, stats = best
+    return data, x_hat, {**stats, "target_bpp": target_bpp, "attempts": len(tried)}
