@@ -5,10 +5,12 @@
     python scripts/eval_rd.py --data DIR --model M1 M2 M3 --rec-dir /tmp/recs --per-image -o OUT.json
     python scripts/eval_rd.py --data DIR --model M --coder thesis --coder-set level2.oversample_bits=1
     python scripts/eval_rd.py --data DIR --model NEW --add-to OUT.json -o OUT.json   # one more point
+    python scripts/eval_rd.py --data DIR --model weights/pln-vbr-….pt --quality 1 3 5 8 -o vbr.json
 
 Each --model (a model file, or a name / SHA-256 prefix looked up as compress.py does: in
 $REC_MODEL_DIR, then weights/) is one RD point of ONE curve (CompressAI's schema, points sorted
-by bpp; see scripts/rd_common.py). For every image:
+by bpp; see scripts/rd_common.py); a variable-rate model gives one point per --quality (default: all
+of them) or per --beta, named `<model>-q<N>` or `<model>-b<β>`. For every image:
 
   actual   codec.api.compress_image -> bytes written to a .rec file -> read back ->
            codec.api.decompress with a model resolved from the header's hash. bpp = file size
@@ -55,6 +57,7 @@ from codec import api
 from codec.bitstream import write_atomic
 from codec.image import to_tensor, to_uint8
 from codec.params import CoderParams
+from codec.rate import QUALITY_LEVELS, quality_beta
 from models import LatentVariableModel, gaussian_kl, load_model
 from scripts.rd_common import IMAGE_EXTS, dumps, find_images, image_metrics, load_rgb, make_results, mean, \
     write_results
@@ -82,36 +85,38 @@ class _Parser(argparse.ArgumentParser):
 
 
 @torch.inference_mode()
-def ideal_pass(model: LatentVariableModel, img: np.ndarray, seed: int, device: torch.device) -> dict:
+def ideal_pass(model: LatentVariableModel, img: np.ndarray, seed: int, device: torch.device,
+               beta: float | None = None) -> dict:
     """Coder-free pass: KL (nats, all levels) with an exact posterior sample, and the 8-bit
     reconstructions of that sample and of the posterior mean."""
     x = to_tensor(img, device)  # (1, 3, H, W)
     height, width = x.shape[-2:]
-    feats = model.bottom_up(model.pad(x))
+    feats = model.bottom_up(model.pad(x), beta)
     gen = torch.Generator(device).manual_seed(seed)
     out = {}
     for mode in ("sample", "mean"):
         z, kl = None, 0.0
         for level in range(model.num_levels, 0, -1):
-            p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)))
+            p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)), beta)
             q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
             kl += float(gaussian_kl(q_loc, q_scale, p_loc, p_scale).double().sum())
             if mode == "sample":
                 z = q_loc + q_scale * torch.randn(q_loc.shape, generator=gen, device=device)
             else:
                 z = q_loc
-        out[mode] = to_uint8(model.synthesize(z)[..., :height, :width])
+        out[mode] = to_uint8(model.synthesize(z, beta)[..., :height, :width])
         out[f"kl_{mode}"] = kl
     return out
 
 
 def eval_image(model, ref: api.ModelRef, store: api.ModelStore, img: np.ndarray, rec_path: Path,
-               args) -> tuple[dict, dict, dict]:
+               args, beta: float | None = None) -> tuple[dict, dict, dict]:
     """Returns (actual metrics, ideal metrics per IDEAL key, mismatch info)."""
     pixels = img.shape[0] * img.shape[1]
     t0 = time.perf_counter()
     data, predicted, stats = api.compress_image(model, img, model_ref=ref, seed=args.seed, params=args.params,
-                                                device=args.device)
+                                                device=args.device, beta=beta)
+    beta = stats["beta"]  # on the header's grid, as the decoder sees it
     write_atomic(rec_path, data)
     t1 = time.perf_counter()
     decoded, _ = api.decompress(rec_path.read_bytes(), store, device=args.device)
@@ -122,7 +127,7 @@ def eval_image(model, ref: api.ModelRef, store: api.ModelStore, img: np.ndarray,
     diff = np.abs(decoded.astype(np.int16) - predicted.astype(np.int16))
     mismatch = {"samples": int((diff != 0).sum()), "max_abs_diff": int(diff.max()) if diff.size else 0}
 
-    ideal = ideal_pass(model, img, args.seed, torch.device(args.device))
+    ideal = ideal_pass(model, img, args.seed, torch.device(args.device), beta)
     kl = ideal["kl_sample"]
     rates = {"kl": kl / LN2 / pixels, "bound": (kl + 2.0 * math.log(kl + 1.0)) / LN2 / pixels}
     dist = {m: image_metrics(img, ideal[m]) for m in ("sample", "mean")}
@@ -166,31 +171,51 @@ def load_images(data: Path, limit: int | None) -> tuple[dict[str, np.ndarray], i
     return images, len(paths)
 
 
+def rate_points(model: LatentVariableModel, ref: api.ModelRef, args) -> list[tuple[str, float | None]]:
+    """(point name, β) per RD point of a model: one for a fixed-β model, one per --quality / --beta for a
+    variable-rate one."""
+    if not model.variable_rate:
+        return [(ref.name, None)]
+    if args.beta:
+        points = [(f"{ref.name}-b{b:g}", b) for b in args.beta]
+    else:
+        points = [(f"{ref.name}-q{q}", quality_beta(q, model.beta_range)) for q in args.quality]
+    for _, beta in points:
+        try:
+            api.coding_beta(model, beta)
+        except ValueError as e:
+            raise UsageError(f"{ref.name}: {e}") from None
+    return points
+
+
 def eval_model(path: Path, model: LatentVariableModel, info: dict, images: dict[str, np.ndarray],
-               rec_dir: Path, args) -> dict:
-    """All images through one model: per-image rows for the actual and ideal curves."""
+               rec_dir: Path, args, point: tuple[str, float | None] | None = None) -> dict:
+    """All images through one model (at one β for a variable-rate model): per-image rows for the actual
+    and ideal curves."""
     ref = api.ModelRef.of_file(path)
+    name, beta = point or (ref.name, None)
     store = api.ModelStore(args.device, model_path=path)  # the decoder loads the file again, checks the hash
     actual = {k: {} for k in ACTUAL_KEYS}
     ideal = {key: {k: {} for k in ("bpp", *DISTORTION_KEYS)} for key in IDEAL}
     mismatches = []
-    bar = tqdm(images.items(), desc=ref.name, unit="img", file=sys.stderr, disable=args.no_progress)
-    for name, img in bar:
-        rec_path = rec_dir / ref.name / Path(name).with_suffix(".rec")
+    bar = tqdm(images.items(), desc=name, unit="img", file=sys.stderr, disable=args.no_progress)
+    for image, img in bar:
+        rec_path = rec_dir / name / Path(image).with_suffix(".rec")
         rec_path.parent.mkdir(parents=True, exist_ok=True)
-        row, ideal_rows, mismatch = eval_image(model, ref, store, img, rec_path, args)
+        row, ideal_rows, mismatch = eval_image(model, ref, store, img, rec_path, args, beta)
         for k in ACTUAL_KEYS:
-            actual[k][name] = row[k]
+            actual[k][image] = row[k]
         for key, r in ideal_rows.items():
             for k in r:
-                ideal[key][k][name] = r[k]
+                ideal[key][k][image] = r[k]
         if mismatch["samples"]:
-            tqdm.write(f"error: {ref.name}: {name}: the DECODED image differs from the encoder's prediction in "
+            tqdm.write(f"error: {name}: {image}: the DECODED image differs from the encoder's prediction in "
                        f"{mismatch['samples']} of {img.size} samples (max |diff| {mismatch['max_abs_diff']})",
                        file=sys.stderr)
-            mismatches.append({"model": ref.name, "image": name, **mismatch})
+            mismatches.append({"model": name, "image": image, **mismatch})
         bar.set_postfix(bpp=f"{row['bpp']:.3f}", psnr=f"{row['psnr-rgb']:.2f}")
-    return {"name": ref.name, "path": str(path), "sha256": ref.sha256.hex(), "arch": info.get("arch"),
+    coded_beta = None if beta is None else api.coding_beta(model, beta)[0]
+    return {"name": name, "path": str(path), "sha256": ref.sha256.hex(), "beta": coded_beta, "arch": info.get("arch"),
             "config": info.get("config"), "model_meta": info.get("meta", {}), "actual": actual,
             "ideal": ideal, "mismatches": mismatches}
 
@@ -229,7 +254,7 @@ def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: f
     mismatches = [m for e in evals for m in e["mismatches"]]
     meta = {
         "source": "eval_rd",
-        "models": [{k: evals[i][k] for k in ("name", "path", "sha256", "arch", "config", "model_meta")}
+        "models": [{k: evals[i].get(k) for k in ("name", "path", "sha256", "beta", "arch", "config", "model_meta")}
                    for i in order],  # one per RD point, in the order of the lists
         "coder": args.coder, "coder_overrides": args.coder_set, "coder_params": args.params.to_dict(),
         "seed": args.seed,
@@ -291,6 +316,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="change preset fields, e.g. level2.shard_decay=0.85 level1.steps=20 (see codec/params.py)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="file seed of the coder and seed of the ideal sample")
+    p.add_argument("--quality", type=int, nargs="+", default=list(range(1, QUALITY_LEVELS + 1)), metavar="N",
+                   help=f"variable-rate models: the quality levels to evaluate (default: 1 to {QUALITY_LEVELS})")
+    p.add_argument("--beta", type=float, nargs="+", metavar="B", help="variable-rate models: these β instead")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by path)")
     p.add_argument("--per-image", action="store_true", help="also store per-image values")
     p.add_argument("--rec-dir", help="keep the .rec files here (REC_DIR/<model>/<image>.rec); default: a temp dir")
@@ -308,6 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--seed must be in [0, 2^64)")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
+    bad = [q for q in args.quality if not 1 <= q <= QUALITY_LEVELS]
+    if bad:
+        raise UsageError(f"--quality {bad[0]} is outside 1 to {QUALITY_LEVELS}")
     try:
         args.params = CoderParams.preset(args.coder).with_overrides(args.coder_set)
     except ValueError as e:
@@ -325,16 +356,19 @@ def main(argv: list[str] | None = None) -> int:
         images, n_available = load_images(Path(args.data), args.limit)
         models = resolve_models(args.model, args.device)
         earlier, earlier_s = earlier_evals(Path(args.add_to), images, args) if args.add_to else ([], 0.0)
-        held = {e["sha256"] for e in earlier}
-        for path, _, _ in models:
-            if api.ModelRef.of_file(path).sha256.hex() in held:
-                raise UsageError(f"--add-to {args.add_to}: already holds model {path.name}")
-        print(f"[eval_rd] {len(models)} model(s), {len(images)} of {n_available} images, coder {args.coder_label}, "
+        points = [(m, point) for m in models
+                  for point in rate_points(m[1], api.ModelRef.of_file(m[0]), args)]
+        held = {e["name"] for e in earlier}
+        for (path, _, _), (name, _) in points:
+            if name in held:
+                raise UsageError(f"--add-to {args.add_to}: already holds {'model ' + path.name if name == path.stem else name}")
+        print(f"[eval_rd] {len(points)} point(s) of {len(models)} model(s), {len(images)} of {n_available} images, "
+              f"coder {args.coder_label}, "
               f"device {args.device}", file=sys.stderr)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eval_rd_") as tmp:
             rec_dir = Path(args.rec_dir) if args.rec_dir else Path(tmp)
-            evals = [eval_model(*m, images, rec_dir, args) for m in models]
+            evals = [eval_model(*m, images, rec_dir, args, point) for m, point in points]
         doc = build_doc(earlier + evals, images, n_available, args, earlier_s + time.perf_counter() - t0)
     except UsageError as e:
         print(f"eval_rd.py: error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The models shipped in weights/: named by their hash, within the size limit, the default exists,
-and each one compresses and decompresses a small image bit for bit."""
+and each one compresses and decompresses a small image bit for bit (a variable-rate one at the
+default quality)."""
 
 import re
 
@@ -8,6 +9,7 @@ import pytest
 
 from codec import api
 from codec.api import ModelRef, ModelStore, compress_image, decompress
+from codec.rate import DEFAULT_QUALITY, quality_beta
 from models import file_sha256, load_model
 
 SHIPPED = sorted(api.REPO_WEIGHTS.glob("*.pt"))
@@ -33,6 +35,8 @@ def test_a_shipped_model_round_trips_a_small_image(path):
     y, x = np.mgrid[0:40, 0:56]
     image = np.clip(np.stack([4 * x, 5 * y, 2 * (x + y)], -1) + rng.integers(-20, 20, (40, 56, 3)), 0, 255)
     model, _ = load_model(path)
-    data, x_hat, _ = compress_image(model, image.astype(np.uint8), model_ref=ModelRef.of_file(path), params="fast")
+    beta = quality_beta(DEFAULT_QUALITY, model.beta_range) if model.variable_rate else None
+    data, x_hat, _ = compress_image(model, image.astype(np.uint8), model_ref=ModelRef.of_file(path), params="fast",
+                                    beta=beta)
     decoded, _ = decompress(data, ModelStore(dirs=[api.REPO_WEIGHTS]))
     assert np.array_equal(decoded, x_hat)

@@ -293,3 +293,42 @@ def test_a_variable_rate_run_warm_starts_from_a_fixed_beta_file_and_validates_at
     model, info = load_model(exported)
     assert model.beta_range == (0.25, 4.0) and info["meta"]["training"]["validation"]["step"] == 10
     assert any(p.abs().sum() > 0 for p in model.conditioning.parameters())  # the tables trained
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+
+def test_eval_rd_gives_one_point_per_quality_of_a_variable_rate_model(vbr_dir, tmp_path, capsys, monkeypatch):
+    from scripts import eval_rd
+
+    folder, vbr, _ = vbr_dir
+    monkeypatch.setattr(api, "REPO_WEIGHTS", folder / "no-such-folder")
+    real = CoderParams.preset.__func__
+    monkeypatch.setattr(CoderParams, "preset", classmethod(
+        lambda cls, name: SMALL if name in api.PRESETS else real(cls, name)))
+    (tmp_path / "data").mkdir()
+    Image.fromarray(photo(64, 96)).save(tmp_path / "data" / "a.png")
+    code = eval_rd.main([f"--data={tmp_path / 'data'}", "--model", str(vbr), "--quality", "1", "8",
+                         "--rec-dir", str(tmp_path / "recs"), "--no-progress"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [m["name"] for m in doc["meta"]["models"]] == [f"{vbr.stem}-q1", f"{vbr.stem}-q8"]  # by rate
+    assert [m["beta"] for m in doc["meta"]["models"]] == pytest.approx([8.0, 0.5], rel=2e-3)
+    bpp = doc["results"]["bpp"]
+    assert bpp[0] < bpp[1] and (tmp_path / "recs" / f"{vbr.stem}-q8" / "a.rec").is_file()
+    assert eval_rd.main([f"--data={tmp_path / 'data'}", "--model", str(vbr), "--beta", "20"]) == 2
+    assert "β = 20 is outside this model's range 0.5 to 8" in capsys.readouterr().err
+
+    from scripts import plot_vbr
+
+    monkeypatch.setenv("REC_MODEL_DIR", str(folder))
+    assert plot_vbr.main(["--recs", str(tmp_path / "recs"), "--out", str(tmp_path / "fig"), "--data",
+                          str(tmp_path / "data"), "--image", "a.png", "--points", f"{vbr.stem}-q8",
+                          "--at", "0", "0", "--crop", "32"]) == 0
+    table = json.loads((tmp_path / "fig" / "rate_by_level.json").read_text())["points"]
+    for point, bpp in zip((f"{vbr.stem}-q1", f"{vbr.stem}-q8"), bpp):
+        row = table[point]
+        assert row["bpp"] == pytest.approx(bpp)  # one image: its file's bpp
+        assert row["level1_bpp"] + row["level2_bpp"] + row["header_bpp"] == pytest.approx(bpp)
+    assert (tmp_path / "fig" / "rate_by_level.png").stat().st_size > 0
+    assert (tmp_path / "fig" / "crops_a.png").stat().st_size > 0
