@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     # the groups keep this order (and an empty conditioning group), so fixed-β checkpoints resume as before
     optimizer = torch.optim.Adam([{"params": params, "lr_scale": lr_scale[key]} for key, params in groups.items()
                                   if params or key != "conditioning"], lr=cfg.lr)
-    step, best_val = 0, float("inf")
+    step = 0
     provenance = dict(ckpt.get("provenance", {})) if ckpt is not None else {}
     if cfg.init_from and ckpt is None:
         try:
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
+        step = ckpt["step"]
     average = None  # a run that turns the average on later starts it from its current weights
     if cfg.ema_decay > 0:
         kept = ckpt if ckpt is not None else {}
@@ -393,13 +393,13 @@ def main(argv: list[str] | None = None) -> int:
             out_of_time |= stop.requested(world, device)
             segment.update(steps=[segment["steps"][0], step], minutes=round((time.time() - start) / 60, 2))
             if is_main and time.time() - last_ckpt > 60 * cfg.ckpt_minutes:
-                save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance, average)
+                save_checkpoint(ckpt_path, model, optimizer, step, config, provenance, average)
                 last_ckpt = time.time()
             if out_of_time:
                 break
         bar.close()
         if is_main:
-            save_checkpoint(ckpt_path, model, optimizer, step, config, best_val, provenance, average)
+            save_checkpoint(ckpt_path, model, optimizer, step, config, provenance, average)
             if step >= cfg.steps:
                 print(f"exported {export(model, cfg, tag, step, provenance, average)}", file=sys.stderr)
         if world > 1:

@@ -16,14 +16,14 @@ import torch.distributed as dist
 from models import unwrap
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, best_val: float,
-                    provenance: dict, average: "WeightAverage | None" = None) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, provenance: dict,
+                    average: "WeightAverage | None" = None) -> None:
     """Atomic: write a temporary file, then rename over the old checkpoint, which is kept as
     ckpt_prev.pt (a way back if a run diverged just before a save)."""
     tmp = path.with_suffix(".tmp")
     extra = {} if average is None else {"ema": average.avg, "ema_updates": average.updates}
     torch.save({"format": "rec-ckpt/1", "config": config, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "best_val": best_val,
+                "optimizer": optimizer.state_dict(), "step": step,
                 "provenance": provenance, **extra}, tmp)
     if path.exists():
         os.replace(path, path.with_name("ckpt_prev.pt"))

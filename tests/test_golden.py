@@ -3,7 +3,8 @@
 tests/expected/coder_v2.npz holds, per (preset, level), synthetic float32 q and p, the level bytes the
 encoder wrote and the sample they decode to (`thesis-importance` level 2: the bytes the `thesis` preset
 wrote before its level 2 moved to the greedy walk). tests/expected/golden.rec was written with the `thesis`
-preset by the tiny PLN in tests/expected/pln-golden-*.pt; golden.png is what it decoded to.
+preset by the tiny PLN in tests/expected/pln-golden-*.pt; golden.png is what it decoded to. golden-vbr.rec
+(format version 2, with a β) was written at β = 2.5 by the tiny variable-rate PLN pln-golden-vbr-*.pt.
 
 A failing *decode* test means old files would no longer decode: a bug, or a change that needs a new
 format or RNG version. A failing *encode* test with passing decode tests means the encoder now writes
@@ -27,6 +28,7 @@ CODER_FILE = EXPECTED / "coder_v2.npz"
 CASES = [("thesis", 1), ("thesis", 2), ("thesis-importance", 2), ("fast", 1), ("fast", 2)]
 SHAPES = {1: (1, 8, 8, 12), 2: (1, 4, 4, 6)}
 SEED = 7
+GOLDEN_BETA = 2.5
 
 
 def synthetic(level: int) -> dict[str, np.ndarray]:
@@ -84,6 +86,14 @@ def test_golden_rec_file_decodes_to_the_same_pixels():
     assert diff.max() <= 1 and diff.mean() < 0.01
 
 
+def test_golden_variable_rate_rec_file_decodes_to_the_same_pixels():
+    decoded, header = decompress((EXPECTED / "golden-vbr.rec").read_bytes(), ModelStore(dirs=[EXPECTED]))
+    expected = load_rgb(EXPECTED / "golden-vbr.png")
+    assert header.format_version == 2 and header.beta == pytest.approx(GOLDEN_BETA, rel=2e-3)
+    diff = np.abs(decoded.astype(int) - expected.astype(int))
+    assert decoded.shape == expected.shape and diff.max() <= 1 and diff.mean() < 0.01
+
+
 def regenerate() -> None:
     arrays = {}
     for preset, level in CASES:
@@ -106,6 +116,26 @@ def regenerate() -> None:
     (EXPECTED / "golden.rec").write_bytes(data)
     save_png(x_hat, EXPECTED / "golden.png")
     print(f"wrote {CODER_FILE}, {path.name}, golden.rec ({len(data)} bytes), golden.png")
+    regenerate_variable_rate()
+
+
+def regenerate_variable_rate() -> None:
+    """golden-vbr.rec (format version 2): a tiny variable-rate PLN with random β tables, coded at β=GOLDEN_BETA."""
+    for old in EXPECTED.glob("pln-golden-vbr-*.pt"):
+        old.unlink()
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4,
+                                    log_scale_min=-4.0, beta_knots=3, beta_min=0.5, beta_max=8.0))
+    with torch.no_grad():
+        for table in model.conditioning.parameters():
+            table.copy_(0.3 * torch.randn_like(table))
+    path = save_model(model, EXPECTED, "golden-vbr", torch.float16)
+    model = ModelStore(dirs=[EXPECTED]).load(path)[0]
+    data, x_hat, _ = compress_image(model, image(), model_ref=ModelRef.of_file(path), seed=SEED, params="thesis",
+                                    beta=GOLDEN_BETA)
+    (EXPECTED / "golden-vbr.rec").write_bytes(data)
+    save_png(x_hat, EXPECTED / "golden-vbr.png")
+    print(f"wrote {path.name}, golden-vbr.rec ({len(data)} bytes), golden-vbr.png")
 
 
 if __name__ == "__main__":
