@@ -33,6 +33,7 @@ from codec import CoderParams, RecDecodeError, decode_level, encode_level
 from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_code, pack_rec, unpack_rec
 from codec.image import to_tensor, to_uint8
 from codec.params import PRESETS, REGISTERED_FORMATS, registered_id
+from codec.rate import DEFAULT_QUALITY, quality_beta
 from models import LatentVariableModel, file_sha256, load_model
 
 MAX_PIXELS = 12_000_000  # whole-image processing; see the module docstring
@@ -119,7 +120,8 @@ def _deterministic(device: torch.device) -> None:
 @torch.inference_mode()
 def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor, *, model_ref: ModelRef,
                    seed: int = 0, params: CoderParams | str = "thesis", device: str | torch.device = "cpu",
-                   max_pixels: int = MAX_PIXELS, beta: float | None = None) -> tuple[bytes, np.ndarray, dict]:
+                   max_pixels: int = MAX_PIXELS, beta: float | None = None,
+                   quality: int | None = None) -> tuple[bytes, np.ndarray, dict]:
     """Compress one image into .rec bytes.
 
     Args:
@@ -130,6 +132,8 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
         params: a CoderParams or a preset name ("thesis", "fast").
         beta: the rate setting of a variable-rate model (larger = smaller files), rounded to the
             header's 1/256-octave grid; must be None for a model trained at one β.
+        quality: instead of beta, a quality level 1 (smallest files) to 8 (codec.rate.quality_beta);
+            a variable-rate model given neither codes at codec.rate.DEFAULT_QUALITY.
     Returns:
         (data, x_hat, stats): the file bytes, the (H, W, 3) uint8 image they decode to, and
         {"height", "width", "bytes", "bpp" (8 * bytes / (H W), header included), "kl_bits",
@@ -146,6 +150,12 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
     x = image_tensor(image).to(device)  # (1, 3, H, W)
     height, width = x.shape[-2:]
     _check_size(height, width, max_pixels)
+    if quality is not None or (beta is None and model.variable_rate):
+        if beta is not None:
+            raise ValueError("give beta or quality, not both")
+        if not model.variable_rate:
+            raise ValueError("this model was trained at a single β: quality levels need a variable-rate model")
+        beta = quality_beta(DEFAULT_QUALITY if quality is None else quality, model.beta_range)
     beta, beta_code = coding_beta(model, beta)
     model = model.to(device).eval()
     feats = model.bottom_up(model.pad(x), beta)

@@ -144,7 +144,7 @@ def test_file_coded_at_a_beta_decodes_to_the_encoders_pixels_bit_for_bit(vbr_dir
     assert other != data and len(other) < len(data)
 
 
-def test_beta_outside_the_range_or_missing_or_given_to_a_fixed_model_is_refused(vbr_dir):
+def test_beta_outside_the_range_or_given_to_a_fixed_model_is_refused(vbr_dir):
     folder, vbr, fixed = vbr_dir
     store = ModelStore(dirs=[folder])
     model, ref = store.load(vbr)
@@ -152,10 +152,23 @@ def test_beta_outside_the_range_or_missing_or_given_to_a_fixed_model_is_refused(
     x = photo(20, 20)
     with pytest.raises(ValueError, match=r"^β = 9 is outside this model's range 0.5 to 8$"):
         compress_image(model, x, model_ref=ref, params=SMALL, beta=9.0)
-    with pytest.raises(ValueError, match="this model is variable-rate: give the β to code at"):
-        compress_image(model, x, model_ref=ref, params=SMALL)
+    with pytest.raises(ValueError, match="give beta or quality, not both"):
+        compress_image(model, x, model_ref=ref, params=SMALL, beta=1.0, quality=3)
+    with pytest.raises(ValueError, match="quality must be 1 to 8, got 0"):
+        compress_image(model, x, model_ref=ref, params=SMALL, quality=0)
+    with pytest.raises(ValueError, match="quality levels need a variable-rate model"):
+        compress_image(fixed_model, x, model_ref=fixed_ref, params=SMALL, quality=2)
     with pytest.raises(ValueError, match="trained at a single β"):
         compress_image(fixed_model, x, model_ref=fixed_ref, params=SMALL, beta=1.0)
+
+
+def test_without_a_beta_the_api_codes_at_the_default_quality(vbr_dir):
+    folder, vbr, _ = vbr_dir
+    model, ref = ModelStore(dirs=[folder]).load(vbr)
+    x = photo(20, 20)
+    data, _, stats = compress_image(model, x, model_ref=ref, params=SMALL)
+    assert stats["beta"] == pytest.approx(quality_beta(4, (0.5, 8.0)), rel=2e-3)
+    assert data == compress_image(model, x, model_ref=ref, params=SMALL, quality=4)[0]
 
 
 def test_a_file_and_a_model_that_disagree_on_beta_are_a_format_error(vbr_dir):
