@@ -184,10 +184,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="BD reference file (default: first file with 'bpg' in its name)",
     )
     p.add_argument("--bd-json", help="also write the BD table here")
+    p.add_argument("--bd-bpp", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="BD table over the points of every curve with LO <= bpp <= HI only")
     p.add_argument("--title")
     p.add_argument("--xlim", type=float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"))
     return p.parse_args(argv)
+
+
+def clip_to_rate(curve: dict, lo: float, hi: float) -> dict:
+    """A copy of a curve with only its points of lo <= bpp <= hi (for a BD table over a rate range)."""
+    res = curve["results"]
+    keep = [i for i, b in enumerate(res["bpp"]) if lo <= b <= hi]
+    return {**curve, "results": {k: [v[i] for i in keep] for k, v in res.items()
+                                 if isinstance(v, list) and len(v) == len(res["bpp"])}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"[plot] wrote {args.output}", file=sys.stderr)
 
+    if args.bd_bpp:
+        curves, ref = [clip_to_rate(c, *args.bd_bpp) for c in curves], clip_to_rate(ref, *args.bd_bpp)
     rows = bd_table(curves, ref)
     print(format_table(rows, ref["name"]), file=sys.stderr)
     table = {
         "reference": {"name": ref["name"], "path": str(ref_path)},
+        "bpp_range": args.bd_bpp,
         "method": BD_METHOD,
         "curves": rows,
     }

@@ -295,3 +295,20 @@ def test_plot_rd_reports_unreadable_file_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     rc = plot_rd.main([str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.png")])
     assert rc == 2 and "cannot read results file" in capsys.readouterr().err
+
+
+def test_plot_rd_bd_over_a_rate_range_uses_only_the_points_inside_it(tmp_path, capsys):
+    rate = np.array([0.1, 0.2, 0.4, 0.8, 1.6])
+    dist = np.array([25.0, 28.0, 31.0, 34.0, 37.0])
+    write_results(tmp_path / "bpg.json", make_results("BPG", "", {"bpp": list(rate), "psnr-rgb": list(dist)}))
+    # 10 % more bits below 0.5 bpp, 50 % more above: the range decides which one the table sees
+    ours = np.where(rate < 0.5, rate * 1.1, rate * 1.5)
+    write_results(tmp_path / "ours.json", make_results("ours", "", {"bpp": list(ours), "psnr-rgb": list(dist)}))
+    argv = [str(tmp_path / "ours.json"), str(tmp_path / "bpg.json"), "-o", str(tmp_path / "rd.png")]
+    assert plot_rd.main(argv + ["--bd-bpp", "0.05", "0.5"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r["bd_rate_psnr_pct"] for r in table["curves"]}
+    assert rows["ours"] == pytest.approx(10.0) and table["bpp_range"] == [0.05, 0.5]
+    assert plot_rd.main(argv) == 0
+    rows = {r["name"]: r["bd_rate_psnr_pct"] for r in json.loads(capsys.readouterr().out)["curves"]}
+    assert rows["ours"] > 15.0
