@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP)

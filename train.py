@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "cpu"  # "cpu" or "cuda"
     amp: str = "auto"  # "bf16" autocast for the networks (KL, likelihood stay fp32), "none", or "auto":
-    # bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), fp32 elsewhere (bf16 is emulated there, ~30× slower)
+    # bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), fp32 elsewhere (emulated bf16 is ~30× slower)
     channels_last: bool = True
     threads: int = 0  # torch CPU threads, 0 = torch's default
     log_every: int = 25

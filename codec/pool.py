@@ -3,9 +3,9 @@
 Instead of K fresh candidates per group, every group of a level reads the same pool
 P (K rows x n_windows*width columns) through its own hashed scramble: its dims are cut into
 blocks of `width`; block j of group g at step k reads pool window (offset_gk + j) mod
-n_windows, through an affine column permutation (a*u + c) mod width and random signs. Within one group and step every candidate
-value is a distinct pool entry, so candidates are exactly i.i.d. N(0, I); across groups and
-steps the scrambles decorrelate them (tests/test_coder_statistics.py checks this).
+n_windows, through an affine column permutation (a*u + c) mod width and random signs. Within one
+group and step every candidate value is a distinct pool entry, so candidates are exactly i.i.d.
+N(0, I); across groups and steps the scrambles decorrelate them (tests/test_coder_statistics.py checks this).
 
 Scores become GEMMs: log-weights are quadratic in x, so for all blocks at once
 scores = [P_w^2, P_w] @ [A; B]^T per window w, summed into groups with index_add.

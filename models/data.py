@@ -87,4 +87,5 @@ class RandomCrops:
 
 def full_images(folder: str | Path, limit: int) -> list[torch.Tensor]:
     """Up to `limit` whole images as (1, 3, H, W) float tensors, for validation."""
-    return [torch.from_numpy(load_rgb(p).copy()).permute(2, 0, 1)[None].float() / 255.0 for p in list_images(folder)[:limit]]
+    return [torch.from_numpy(load_rgb(p).copy()).permute(2, 0, 1)[None].float() / 255.0
+            for p in list_images(folder)[:limit]]

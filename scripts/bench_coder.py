@@ -7,7 +7,8 @@
 Level 1 is (1, 128, 32, 48), level 2 (1, 24, 16, 24). Total KL is split 88% / 12% between the
 levels (the thesis' level 2 took 10-14% of the rate). Per-dim KLs follow the spread measured on
 a trained VAE (prototype-findings: >2 bits 12-18%, >4 bits 2-3%, >8 bits 0.2%, a few dims of
-12-30 bits): per-channel activity (20% of channels almost off) times Gamma(1.2) dims. Writes JSON: seconds (median of runs), bits / KL per level, sample stats.
+12-30 bits): per-channel activity (20% of channels almost off) times Gamma(1.2) dims. Writes JSON:
+seconds (median of runs), bits / KL per level, sample stats.
 """
 
 import argparse

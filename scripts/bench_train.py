@@ -55,7 +55,8 @@ def measure(config: str, steps: int, warmup: int, device: str, overrides: list[s
         if i >= warmup:
             times.append(time.perf_counter() - start)
     result = {
-        "config": config, "arch": model_cfg.arch, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "config": config, "arch": model_cfg.arch,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "batch_size": cfg.batch_size, "crop": cfg.crop, "precision": "bf16 autocast" if bf16 else "fp32",
         "device": device, "threads": torch.get_num_threads(), "step_s": [round(t, 3) for t in times],
         "median_step_s": round(statistics.median(times), 3), "steps_per_s": round(1 / statistics.median(times), 3),

@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         held = {e["name"] for e in earlier}
         for (path, _, _), (name, _) in points:
             if name in held:
-                raise UsageError(f"--add-to {args.add_to}: already holds {'model ' + path.name if name == path.stem else name}")
+                what = f"model {path.name}" if name == path.stem else name
+                raise UsageError(f"--add-to {args.add_to}: already holds {what}")
         print(f"[eval_rd] {len(points)} point(s) of {len(models)} model(s), {len(images)} of {n_available} images, "
               f"coder {args.coder_label}, "
               f"device {args.device}", file=sys.stderr)

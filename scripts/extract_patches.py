@@ -25,7 +25,7 @@ def patches_of(img: np.ndarray, crop: int, coef: int, rng: np.random.Generator) 
     count = coef * (h // crop) * (w // crop)
     tops = rng.integers(0, h - crop + 1, count)
     lefts = rng.integers(0, w - crop + 1, count)
-    return [img[t:t + crop, l:l + crop] for t, l in zip(tops, lefts)]
+    return [img[top:top + crop, left:left + crop] for top, left in zip(tops, lefts)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,7 +304,8 @@ def test_load_image_reduces_16bit_rgb(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "no such file"), (b"hello", "not an image"), (b"\x89PNG\r\n\x1a\n" + bytes(30), "cannot decode image|not an image")])
+    (None, "no such file"), (b"hello", "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(30), "cannot decode image|not an image")])
 def test_load_image_errors(tmp_path, content, message):
     if content is not None:
         (tmp_path / "a.png").write_bytes(content)

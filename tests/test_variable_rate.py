@@ -2,7 +2,6 @@
 
 import json
 import math
-import struct
 
 import numpy as np
 import pytest
