@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,7 +168,10 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(photo_dir, t
 
 def test_ddp_with_two_gloo_processes_trains_and_saves_once(photo_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as s:  # a free port, so that overlapping test runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            str(REPO / "train.py"), str(TINY), f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'ddp'}",
            f"--export_dir={tmp_path / 'w'}", "--steps=3", "--amp=none", "--threads=1"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
