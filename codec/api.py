@@ -36,7 +36,7 @@ from codec.params import PRESETS, REGISTERED_FORMATS, registered_id
 from codec.rate import DEFAULT_QUALITY, quality_beta
 from models import LatentVariableModel, file_sha256, load_model
 
-MAX_PIXELS = 12_000_000  # whole-image processing; see the module docstring
+MAX_PIXELS = 12_000_000  # what the codec codes, whole (module docstring); image.MAX_DECODE_PIXELS: the loader's
 REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from codec.bitstream import write_atomic
 
-MAX_PIXELS = 1 << 26  # 64 Mpx: refuse before decoding pixels (the codec's own limit is lower)
+MAX_DECODE_PIXELS = 1 << 26  # 64 Mpx: refuse before decoding pixels (the codec's own limit is lower)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -47,7 +47,7 @@ def _convert(im: Image.Image, notes: list[str]) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_DECODE_PIXELS) -> tuple[np.ndarray, list[str]]:
     """Load any image file as (H, W, 3) uint8 RGB.
 
     Returns:

@@ -38,7 +38,7 @@ from codec.entropy import (
 )
 from codec.params import CoderParams, LevelParams
 
-FORMAT_VERSION = 2
+SECTION_FORMAT_VERSION = 2  # of a level section (codec/bitstream.py has the container's FORMAT_VERSION)
 OUTLIER_BITS_Q = 16
 _SAMPLER_IDS = {"greedy": 1, "importance": 2}
 _LONG = rng.GROUP_BITS + 1  # bit lengths of run lengths and gaps (a level has < 2^28 dims)
@@ -248,7 +248,7 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     side_bits = bits.n_bits
     bits.write(idx_np.reshape(-1), widths)
     index_bits = bits.n_bits - side_bits
-    head = struct.pack(">BBH", FORMAT_VERSION, _SAMPLER_IDS[lp.sampler], _check(params, level))
+    head = struct.pack(">BBH", SECTION_FORMAT_VERSION, _SAMPLER_IDS[lp.sampler], _check(params, level))
     head += (_varint(len(seg_sizes)) + _varint(int(seg_zero.sum())) + _varint(out_pos.numel())
              + _varint(len(rans)))
     body = head + rans + bits.getvalue()
@@ -303,7 +303,7 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int,
     if zlib.crc32(body) != crc:
         raise RecDecodeError(f"level {level}: CRC mismatch (corrupted or truncated data)")
     version, sampler, check = struct.unpack(">BBH", body[:4])
-    if version != FORMAT_VERSION or sampler != _SAMPLER_IDS[lp.sampler]:
+    if version != SECTION_FORMAT_VERSION or sampler != _SAMPLER_IDS[lp.sampler]:
         raise RecDecodeError(f"level {level}: format {version}/{sampler} is not supported")
     if check != _check(params, level):
         raise RecDecodeError(f"level {level}: coded with different CoderParams")
