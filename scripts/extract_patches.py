@@ -1,9 +1,12 @@
 """Cut a folder of photos into fixed training patches, as the thesis code prepared CLIC.
 
-For every image, coef·⌊H/crop⌋·⌊W/crop⌋ random crop×crop patches are written as PNG (thesis code: coef 10,
-crop 360, then random 256² crops at train time). Train on the result with `train.py --data_dir=OUT`.
+For every image, coef·⌊H/crop⌋·⌊W/crop⌋ random crop×crop patches (or --per-image N) are written as PNG, or
+as JPEG with --format jpg (thesis code: coef 10, crop 360, then random 256² crops at train time). Train on
+the result with `train.py --data_dir=OUT`.
 
     python scripts/extract_patches.py --src clic/train --out patches/ [--crop 360] [--coef 10] [--seed 0]
+    python scripts/extract_patches.py --src photos:photos-extra --out .gpu/crops --crop 256 --per-image 2 \
+        --format jpg          # a small training set to carry to a GPU machine (scripts/device_train.sh)
 """
 
 import argparse
@@ -20,9 +23,10 @@ if __package__ in (None, ""):
 from models.data import DataError, list_images, load_rgb
 
 
-def patches_of(img: np.ndarray, crop: int, coef: int, rng: np.random.Generator) -> list[np.ndarray]:
+def patches_of(img: np.ndarray, crop: int, coef: int, rng: np.random.Generator,
+               per_image: int | None = None) -> list[np.ndarray]:
     h, w = img.shape[:2]
-    count = coef * (h // crop) * (w // crop)
+    count = coef * (h // crop) * (w // crop) if per_image is None else per_image * (min(h, w) >= crop)
     tops = rng.integers(0, h - crop + 1, count)
     lefts = rng.integers(0, w - crop + 1, count)
     return [img[top:top + crop, left:left + crop] for top, left in zip(tops, lefts)]
@@ -34,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder for the patches")
     parser.add_argument("--crop", type=int, default=360)
     parser.add_argument("--coef", type=int, default=10, help="patches per crop-sized tile of each image")
+    parser.add_argument("--per-image", type=int, help="this many patches from every image big enough instead")
+    parser.add_argument("--format", choices=("png", "jpg"), default="png")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (4:4:4)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -52,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"extract_patches: skipping {path}: {e}", file=sys.stderr)
             skipped += 1
             continue
-        for i, patch in enumerate(patches_of(img, args.crop, args.coef, rng)):
-            Image.fromarray(patch).save(out / f"{path.stem}_{i:04d}.png")
+        for i, patch in enumerate(patches_of(img, args.crop, args.coef, rng, args.per_image)):
+            options = {"quality": args.quality, "subsampling": 0} if args.format == "jpg" else {}
+            Image.fromarray(patch).save(out / f"{path.parent.name}_{path.stem}_{i:04d}.{args.format}", **options)
             written += 1
     print(f"{written} patches of {args.crop}×{args.crop} from {len(files) - skipped} images in {out}", file=sys.stderr)
     return 0 if written else 1

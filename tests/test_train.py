@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from models import ModelConfig, build_model, elbo_loss, run
+from models import ModelConfig, build_model, elbo_loss, load_model, run, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -288,3 +288,22 @@ def test_a_cuda_run_with_a_weight_average_resumes(photo_dir, tmp_path):
     assert run_train(*common, f"--out_dir={tmp_path / 'b'}", "--steps=3") == 0
     assert run_train(f"--out_dir={tmp_path / 'b'}", "--steps=6", "--resume") == 0
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["ema_updates"] == 6
+
+
+def test_device_training_round_runs_end_to_end_on_the_cpu(photo_dir, tmp_path):
+    """scripts/device_train.sh, as a GPU call runs it, with DEVICE=cpu and a tiny variable-rate model."""
+    torch.manual_seed(0)
+    tiny = dict(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4)
+    init = save_model(build_model(ModelConfig(**tiny, beta_knots=3, beta_min=0.5, beta_max=8.0)), tmp_path, "v")
+    env = {**os.environ, "DEVICE": "cpu", "CONFIG": str(TINY), "INIT": str(init), "DATA": str(photo_dir),
+           "OUT": str(tmp_path / "out"), "RUN": str(tmp_path / "run"), "PYTHON": sys.executable, "MINUTES": "5"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "device_train.sh"), "--crop=64", "--steps=3",
+                             "--beta_knots=3", "--beta_min=0.5", "--beta_max=8", "--amp=none", "--threads=1"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (exported,) = (tmp_path / "out").glob("pln-vbr-*.pt")
+    model, info = load_model(exported)
+    assert model.variable_rate and info["meta"]["training"]["init"]["from"] == str(init)
+    state = torch.load(exported, weights_only=True)["state_dict"]
+    assert all(t.dtype == torch.float16 for t in state.values() if t.is_floating_point())
+    assert (tmp_path / "out" / "log.jsonl").read_text().count('"step"') >= 1
