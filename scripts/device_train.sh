@@ -22,7 +22,7 @@ DEVICE=${DEVICE:-cuda}
 RESULTS=${OUT:-out/device}
 RUN=${RUN:-/tmp/device-run}
 PYTHON=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$PYTHON" -c "import compressai" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
