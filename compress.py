@@ -265,7 +265,7 @@ def _rate_setting(args, model, name: str) -> float | None:
     """The β to code at from --quality/--beta (None for --bpp, searched per image, and for fixed-β
     models); a UsageError for a setting the model cannot take."""
     from codec.api import coding_beta
-    from codec.rate import DEFAULT_QUALITY, quality_beta
+    from codec.rate import DEFAULT_QUALITY
 
     asked = next((f"--{k} {getattr(args, k):g}" for k in ("quality", "beta", "bpp") if getattr(args, k) is not None),
                  None)
@@ -277,10 +277,9 @@ def _rate_setting(args, model, name: str) -> float | None:
     if args.bpp is not None:
         return None
     if args.beta is None:
-        args.quality = args.quality or DEFAULT_QUALITY
-        return quality_beta(args.quality, model.beta_range)
+        args.quality = args.quality or DEFAULT_QUALITY  # reported with each file
     try:
-        return coding_beta(model, args.beta)[0]
+        return coding_beta(model, args.beta, args.quality)[0]
     except ValueError as e:
         raise UsageError(f"--beta {args.beta:g}: {e}") from None
 

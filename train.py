@@ -141,14 +141,15 @@ class Objective(torch.nn.Module):
         return elbo_loss(self.model, x, out, beta, weight)
 
 
-def batch_betas(model_cfg: ModelConfig, cfg: "TrainConfig", step: int, rank: int, batch: int) -> float | torch.Tensor:
+def batch_betas(model_cfg: ModelConfig, cfg: "TrainConfig", step: int, rank: int, batch: int,
+                device: torch.device | str = "cpu") -> float | torch.Tensor:
     """This step's β: the fixed `beta`, or one per image, log-uniform over a variable-rate model's range
     (a pure function of seed, rank and step, like the crops, so a resumed run draws the same)."""
     if not model_cfg.beta_knots:
         return cfg.beta
     gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_000_009 + step)
     lo, hi = math.log(model_cfg.beta_min), math.log(model_cfg.beta_max)
-    return torch.exp(lo + (hi - lo) * torch.rand(batch, generator=gen))
+    return torch.exp(lo + (hi - lo) * torch.rand(batch, generator=gen)).to(device)
 
 
 def validation_betas(model_cfg: ModelConfig) -> list[float | None]:
@@ -343,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed((cfg.seed * 1_000_003 + rank) * 1_000_000_007 + step)  # posterior noise of this step
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
-            beta = batch_betas(model_cfg, cfg, step, rank, x.shape[0])
-            beta = beta.to(device) if isinstance(beta, torch.Tensor) else beta
+            beta = batch_betas(model_cfg, cfg, step, rank, x.shape[0], device)
             terms = net(x, beta, kl_weight(step + 1, cfg.kl_warmup), autocast)
             kl = float(terms["kl"].detach())
             # no spike test during the KL warm-up: the KL climbs fast while its weight is small

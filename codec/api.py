@@ -91,20 +91,26 @@ def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def coding_beta(model: LatentVariableModel, beta: float | None) -> tuple[float | None, int | None]:
+def coding_beta(model: LatentVariableModel, beta: float | None = None,
+                quality: int | None = None) -> tuple[float | None, int | None]:
     """(β the networks run at, its header code) for a file; (None, None) for a fixed-β model.
 
-    The β is rounded to the header's grid (1/256 octave) first, so the decoder, which only sees the
-    code, conditions on exactly the same number. ValueError if a variable-rate model gets no β or one
-    outside its range, or a fixed-β model gets one."""
+    A variable-rate model codes at `beta`, else at the β of `quality` (default DEFAULT_QUALITY). The β is
+    rounded to the header's grid (1/256 octave) first, so the decoder, which only sees the code,
+    conditions on exactly the same number. ValueError for both settings at once, a β outside the
+    model's range, or a fixed-β model given either."""
+    if beta is not None and quality is not None:
+        raise ValueError("give beta or quality, not both")
     if not model.variable_rate:
+        if quality is not None:
+            raise ValueError("this model was trained at a single β: quality levels need a variable-rate model")
         if beta is not None:
             raise ValueError("this model was trained at a single β: β, quality and bpp targets need a "
                              "variable-rate model")
         return None, None
     lo, hi = model.beta_range
     if beta is None:
-        raise ValueError(f"this model is variable-rate: give the β to code at (its range is {lo:g} to {hi:g})")
+        beta = quality_beta(DEFAULT_QUALITY if quality is None else quality, (lo, hi))
     code = beta_to_code(beta)
     if not beta_to_code(lo) <= code <= beta_to_code(hi):
         raise ValueError(f"β = {beta:g} is outside this model's range {lo:g} to {hi:g}")
@@ -150,13 +156,7 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
     x = image_tensor(image).to(device)  # (1, 3, H, W)
     height, width = x.shape[-2:]
     _check_size(height, width, max_pixels)
-    if quality is not None or (beta is None and model.variable_rate):
-        if beta is not None:
-            raise ValueError("give beta or quality, not both")
-        if not model.variable_rate:
-            raise ValueError("this model was trained at a single β: quality levels need a variable-rate model")
-        beta = quality_beta(DEFAULT_QUALITY if quality is None else quality, model.beta_range)
-    beta, beta_code = coding_beta(model, beta)
+    beta, beta_code = coding_beta(model, beta, quality)
     model = model.to(device).eval()
     feats = model.bottom_up(model.pad(x), beta)
     z, sections, levels = None, [], []

@@ -21,27 +21,8 @@ import torch
 from torch import Tensor, nn
 
 
-class BetaKnots(nn.Module):
-    """Maps β (B,) to interpolation weights (B, K) over K knots evenly spaced in log β."""
-
-    def __init__(self, beta_min: float, beta_max: float, knots: int):
-        super().__init__()
-        if not 0 < beta_min < beta_max or knots < 2:
-            raise ValueError(f"a β range needs 0 < beta_min < beta_max and >= 2 knots, got "
-                             f"[{beta_min}, {beta_max}] with {knots}")
-        self.beta_min, self.beta_max, self.knots = beta_min, beta_max, knots
-
-    def weights(self, beta: Tensor) -> Tensor:
-        """(B, K) float32 rows of hat-function weights (two non-zero entries summing to 1)."""
-        lo, hi = math.log(self.beta_min), math.log(self.beta_max)
-        pos = (beta.float().log() - lo) / (hi - lo) * (self.knots - 1)
-        pos = pos.clamp(0, self.knots - 1)
-        grid = torch.arange(self.knots, device=beta.device, dtype=torch.float32)
-        return (1 - (pos[:, None] - grid).abs()).clamp(min=0)
-
-
 class FiLM(nn.Module):
-    """h · exp(a(β)) + b(β) per channel; `weights` from BetaKnots.weights."""
+    """h · exp(a(β)) + b(β) per channel; `weights` from Conditioning.weights."""
 
     def __init__(self, channels: int, knots: int):
         super().__init__()
@@ -55,16 +36,21 @@ class FiLM(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """The FiLM layers of a model, by site name, plus a per-β offset of the likelihood's log γ."""
+    """The FiLM layers of a model, by site name, plus a per-β offset of the likelihood's log γ.
+    (The range is checked by ModelConfig.)"""
 
     def __init__(self, beta_min: float, beta_max: float, knots: int, sites: dict[str, int]):
         super().__init__()
-        self.knots = BetaKnots(beta_min, beta_max, knots)
+        self.log_range, self.knots = (math.log(beta_min), math.log(beta_max)), knots
         self.film = nn.ModuleDict({name: FiLM(channels, knots) for name, channels in sites.items()})
         self.log_gamma = nn.Parameter(torch.zeros(knots))
 
     def weights(self, beta: Tensor) -> Tensor:
-        return self.knots.weights(beta)
+        """(B, K) float32 hat-function weights of β (B,) over the knots (two non-zero entries summing to 1)."""
+        lo, hi = self.log_range
+        pos = ((beta.float().log() - lo) / (hi - lo) * (self.knots - 1)).clamp(0, self.knots - 1)
+        grid = torch.arange(self.knots, device=beta.device, dtype=torch.float32)
+        return (1 - (pos[:, None] - grid).abs()).clamp(min=0)
 
     def modulate(self, site: str, h: Tensor, weights: Tensor) -> Tensor:
         return self.film[site](h, weights)

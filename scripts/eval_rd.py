@@ -57,7 +57,7 @@ from codec import api
 from codec.bitstream import write_atomic
 from codec.image import to_tensor, to_uint8
 from codec.params import CoderParams
-from codec.rate import QUALITY_LEVELS, quality_beta
+from codec.rate import QUALITY_LEVELS
 from models import LatentVariableModel, gaussian_kl, load_model
 from scripts.rd_common import IMAGE_EXTS, dumps, find_images, image_metrics, load_rgb, make_results, mean, \
     write_results
@@ -116,7 +116,6 @@ def eval_image(model, ref: api.ModelRef, store: api.ModelStore, img: np.ndarray,
     t0 = time.perf_counter()
     data, predicted, stats = api.compress_image(model, img, model_ref=ref, seed=args.seed, params=args.params,
                                                 device=args.device, beta=beta)
-    beta = stats["beta"]  # on the header's grid, as the decoder sees it
     write_atomic(rec_path, data)
     t1 = time.perf_counter()
     decoded, _ = api.decompress(rec_path.read_bytes(), store, device=args.device)
@@ -172,20 +171,18 @@ def load_images(data: Path, limit: int | None) -> tuple[dict[str, np.ndarray], i
 
 
 def rate_points(model: LatentVariableModel, ref: api.ModelRef, args) -> list[tuple[str, float | None]]:
-    """(point name, β) per RD point of a model: one for a fixed-β model, one per --quality / --beta for a
-    variable-rate one."""
+    """(point name, β on the header's grid, as the decoder sees it) per RD point of a model: one for a
+    fixed-β model, one per --quality / --beta for a variable-rate one."""
     if not model.variable_rate:
         return [(ref.name, None)]
     if args.beta:
-        points = [(f"{ref.name}-b{b:g}", b) for b in args.beta]
+        settings = [(f"{ref.name}-b{b:g}", {"beta": b}) for b in args.beta]
     else:
-        points = [(f"{ref.name}-q{q}", quality_beta(q, model.beta_range)) for q in args.quality]
-    for _, beta in points:
-        try:
-            api.coding_beta(model, beta)
-        except ValueError as e:
-            raise UsageError(f"{ref.name}: {e}") from None
-    return points
+        settings = [(f"{ref.name}-q{q}", {"quality": q}) for q in args.quality]
+    try:
+        return [(name, api.coding_beta(model, **setting)[0]) for name, setting in settings]
+    except ValueError as e:
+        raise UsageError(f"{ref.name}: {e}") from None
 
 
 def eval_model(path: Path, model: LatentVariableModel, info: dict, images: dict[str, np.ndarray],
@@ -214,8 +211,7 @@ def eval_model(path: Path, model: LatentVariableModel, info: dict, images: dict[
                        file=sys.stderr)
             mismatches.append({"model": name, "image": image, **mismatch})
         bar.set_postfix(bpp=f"{row['bpp']:.3f}", psnr=f"{row['psnr-rgb']:.2f}")
-    coded_beta = None if beta is None else api.coding_beta(model, beta)[0]
-    return {"name": name, "path": str(path), "sha256": ref.sha256.hex(), "beta": coded_beta, "arch": info.get("arch"),
+    return {"name": name, "path": str(path), "sha256": ref.sha256.hex(), "beta": beta, "arch": info.get("arch"),
             "config": info.get("config"), "model_meta": info.get("meta", {}), "actual": actual,
             "ideal": ideal, "mismatches": mismatches}
 

@@ -72,8 +72,8 @@ def test_conditioned_model_starts_as_the_fixed_beta_model_it_is_initialised_from
 
 
 def test_knot_weights_interpolate_in_log_beta_and_clamp_at_the_ends():
-    knots = rate_controlled_model().conditioning.knots  # knots at β = 0.5, 1, 2, 4, 8 would be 5; here 4
-    w = knots.weights(torch.tensor([0.5, 8.0, 100.0, 0.5 * 16 ** (1 / 6)]))
+    conditioning = rate_controlled_model().conditioning  # 4 knots over [0.5, 8]
+    w = conditioning.weights(torch.tensor([0.5, 8.0, 100.0, 0.5 * 16 ** (1 / 6)]))
     assert torch.equal(w[0], torch.tensor([1.0, 0, 0, 0])) and torch.equal(w[1], torch.tensor([0, 0, 0, 1.0]))
     assert torch.equal(w[2], w[1])  # beyond the range: the end knot, no extrapolation
     torch.testing.assert_close(w[3], torch.tensor([0.5, 0.5, 0, 0]))
