@@ -37,7 +37,11 @@ from codec.rate import DEFAULT_QUALITY, quality_beta
 from models import LatentVariableModel, file_sha256, load_model
 
 MAX_PIXELS = 12_000_000  # what the codec codes, whole (module docstring); image.MAX_DECODE_PIXELS: the loader's
-REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+_CHECKOUT = Path(__file__).resolve().parent.parent
+# The checkout's weights/ folder when codec is imported from a checkout (pyproject.toml beside it); None for
+# an installed package, which finds models through $REC_MODEL_DIR or --model only (no weights are shipped).
+REPO_WEIGHTS: Path | None = _CHECKOUT / "weights" if (_CHECKOUT / "pyproject.toml").is_file() else None
+MODEL_HINT = "pass --model PATH, or set $REC_MODEL_DIR to a folder of model files (its DEFAULT file names the default)"
 
 
 class ModelNotFoundError(LookupError):
@@ -227,7 +231,7 @@ def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:
 
 
 def describe_params(header: RecHeader, num_levels: int) -> dict:
-    """JSON view of a header's coder parameters for `compress.py info` (never raises)."""
+    """JSON view of a header's coder parameters for `rec-codec info` (never raises)."""
     try:
         params = params_from_header(header, num_levels)
     except RecFormatError as e:
@@ -287,9 +291,15 @@ def _header_beta(header: RecHeader, model: LatentVariableModel) -> float | None:
 
 
 def model_dirs() -> list[Path]:
-    """Where models are looked up: each entry of $REC_MODEL_DIR (os.pathsep-separated), then weights/."""
+    """Where models are looked up: each entry of $REC_MODEL_DIR (os.pathsep-separated), then the
+    checkout's weights/ (REPO_WEIGHTS, none for an installed package)."""
     env = [Path(p) for p in os.environ.get("REC_MODEL_DIR", "").split(os.pathsep) if p]
-    return env + [REPO_WEIGHTS]
+    return env + ([REPO_WEIGHTS] if REPO_WEIGHTS is not None else [])
+
+
+def where_searched(dirs: list[Path]) -> str:
+    """"in A, B" for a message about the folders `dirs` (none when $REC_MODEL_DIR is unset outside a checkout)."""
+    return "in " + ", ".join(str(d) for d in dirs) if dirs else "(no folder to look in: $REC_MODEL_DIR is not set)"
 
 
 def _model_files(dirs: list[Path]) -> list[Path]:
@@ -331,7 +341,7 @@ def find_model(arg: str | None, dirs: list[Path] | None = None) -> Path:
     """The model file for `--model`: a path, a file name/stem, or a hex SHA-256 prefix (>= 4 digits)
     found in `dirs`; with no argument the file named by `DEFAULT` in one of `dirs`."""
     dirs = model_dirs() if dirs is None else dirs
-    where = ", ".join(str(d) for d in dirs) or "(no folders)"
+    where = where_searched(dirs)
     if arg is None:
         for d in dirs:
             if (d / "DEFAULT").is_file():
@@ -339,7 +349,7 @@ def find_model(arg: str | None, dirs: list[Path] | None = None) -> Path:
                 if (d / name).is_file():
                     return d / name
                 raise ModelNotFoundError(f"{d / 'DEFAULT'} names {name!r}, which is not in {d}")
-        raise ModelNotFoundError(f"no model given and no DEFAULT file in {where}; pass --model PATH")
+        raise ModelNotFoundError(f"no model given and no DEFAULT file {where}; {MODEL_HINT}")
     if Path(arg).is_file():
         return Path(arg)
     stem = arg[:-3] if arg.endswith(".pt") else arg
@@ -351,7 +361,7 @@ def find_model(arg: str | None, dirs: list[Path] | None = None) -> Path:
         hits = [p for p in hits if file_sha256(p).startswith(arg.lower())]
     hits = list(dict.fromkeys(hits))
     if not hits:
-        raise ModelNotFoundError(f"model {arg!r} not found (searched {where})")
+        raise ModelNotFoundError(f"model {arg!r} not found {where}; {MODEL_HINT}")
     if len({p.name for p in hits}) > 1:
         raise ModelNotFoundError(f"model {arg!r} is ambiguous: {', '.join(sorted(p.name for p in hits))}")
     return hits[0]
@@ -403,8 +413,7 @@ class ModelStore:
             if self.ref(p).sha256 == header.model_hash:
                 return p
         hint = "".join(f"; {p} has SHA-256 {self.ref(p).sha256.hex()}..." for p in named)
-        where = ", ".join(str(d) for d in self.dirs)
-        raise ModelNotFoundError(f"{need}: not found in {where}{hint}; pass --model PATH or set REC_MODEL_DIR")
+        raise ModelNotFoundError(f"{need}: not found {where_searched(self.dirs)}{hint}; {MODEL_HINT}")
 
     def __call__(self, header: RecHeader) -> LatentVariableModel:
         return self.load(self.find(header))[0]

@@ -12,6 +12,9 @@ import torch
 
 import train
 from models import ModelConfig, build_model, elbo_loss, load_model, run, save_model
+from models.data import RandomCrops
+from training import loop
+from training.config import TRAIN_KEYS, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -22,7 +25,7 @@ def run_train(*args) -> int:
 
 
 def test_config_precedence_defaults_then_toml_then_command_line(tmp_path):
-    cfg, model_cfg, flags = train.resolve_config([str(TINY), "--beta=0.5", "--flips=true", "--resume"])
+    cfg, model_cfg, flags = resolve_config([str(TINY), "--beta=0.5", "--flips=true", "--resume"])
     assert cfg.beta == 0.5 and cfg.flips is True  # command line wins
     assert cfg.crop == 64 and model_cfg.channels == 16  # from tiny.toml
     assert cfg.kl_warmup == 10 and cfg.lr_decay_rate == 1.0  # toml, default
@@ -38,7 +41,7 @@ def test_config_precedence_defaults_then_toml_then_command_line(tmp_path):
 ])
 def test_bad_config_values_are_rejected_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):
-        train.resolve_config(argv)
+        resolve_config(argv)
 
 
 def test_a_few_steps_on_synthetic_images_lower_the_loss(photo_dir):
@@ -46,7 +49,7 @@ def test_a_few_steps_on_synthetic_images_lower_the_loss(photo_dir):
     model = build_model(ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4,
                                     likelihood="gaussian", gamma=0.1))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = train.RandomCrops(photo_dir, 64).batch(0, 4)
+    x = RandomCrops(photo_dir, 64).batch(0, 4)
     losses, psnrs = [], []
     for _ in range(30):
         terms = elbo_loss(model, x, model(x), beta=0.1, kl_weight=1.0)
@@ -60,8 +63,8 @@ def test_a_few_steps_on_synthetic_images_lower_the_loss(photo_dir):
 
 
 def test_kl_warmup_is_linear_then_flat():
-    assert train.kl_weight(0, 100) == 0 and train.kl_weight(50, 100) == 0.5
-    assert train.kl_weight(100, 100) == 1 and train.kl_weight(500, 100) == 1 and train.kl_weight(3, 0) == 1
+    assert loop.kl_weight(0, 100) == 0 and loop.kl_weight(50, 100) == 0.5
+    assert loop.kl_weight(100, 100) == 1 and loop.kl_weight(500, 100) == 1 and loop.kl_weight(3, 0) == 1
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(photo_dir, tmp_path):
@@ -116,7 +119,7 @@ def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
     assert "fp32, torch" in record["segments"][0]["hardware"] and record["init"] is None
     assert set(record["final_terms"]) == set(run.FINAL_TERMS)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert blob["meta"]["train_config"] == {k: v for k, v in config.items() if k in train.TRAIN_KEYS}
+    assert blob["meta"]["train_config"] == {k: v for k, v in config.items() if k in TRAIN_KEYS}
     assert config["crop"] == 64 and config["arch"] == "pln"
 
 
@@ -186,7 +189,7 @@ def test_extract_patches_writes_coef_times_tiles_patches_per_image(photo_dir, tm
     assert extract(["--src", str(photo_dir), "--out", str(tmp_path / "p"), "--crop", "40", "--coef", "3"]) == 0
     patches = sorted((tmp_path / "p").glob("*.png"))
     assert len(patches) == 4 * 3 * (96 // 40) * (112 // 40)  # 4 images of 96×112
-    assert all(train.RandomCrops(tmp_path / "p", 32).sizes[i] == (40, 40) for i in range(3))
+    assert all(RandomCrops(tmp_path / "p", 32).sizes[i] == (40, 40) for i in range(3))
 
 
 def test_the_previous_checkpoint_is_kept_as_a_way_back(photo_dir, tmp_path):

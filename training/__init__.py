@@ -1,0 +1,1 @@
+"""Training of the models in `models/`: the configuration (config.py) and the β-ELBO loop (loop.py)."""
