@@ -1,6 +1,6 @@
-"""How well `compress.py encode --bpp X` lands: every image at every target, files coded for real.
+"""How well `rec-codec encode --bpp X` lands: every image at every target, files coded for real.
 
-    python scripts/bench_bpp.py --data ../shared/data/kodak --target 0.15 0.3 0.6 --coder fast \\
+    python -m scripts.bench_bpp --data ../shared/data/kodak --target 0.15 0.3 0.6 --coder fast \\
         -o results/kodak/bpp_targets.json
 
 Per (image, target): the bpp of the file written (header included), its relative error, the β chosen,
@@ -15,9 +15,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python scripts/bench_bpp.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm import tqdm

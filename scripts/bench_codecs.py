@@ -2,9 +2,9 @@
 
 Writes one RD curve in CompressAI's results-JSON schema (see scripts/rd_common.py):
 
-    python scripts/bench_codecs.py --data ../shared/data/kodak --codec jpeg \\
+    python -m scripts.bench_codecs --data ../shared/data/kodak --codec jpeg \\
         -o results/kodak/jpeg.json
-    python scripts/bench_codecs.py --data DIR --codec bpg \\
+    python -m scripts.bench_codecs --data DIR --codec bpg \\
         --bpgenc /opt/bpg/bpgenc --bpgdec /opt/bpg/bpgdec -o bpg.json
 
 Codecs (settings as in ../shared/anchors/classical-kodak.json):
@@ -34,9 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python scripts/bench_codecs.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from PIL import Image, features

@@ -3,7 +3,7 @@
 Each config runs in its own subprocess (so peak RSS is its own), on random data at the config's batch
 size and crop, with the same precision rules as train.py (--amp=auto). Quote the median.
 
-    python scripts/bench_train.py --configs configs/pln_thesis_b0.1.toml configs/pln_cpu.toml \
+    python -m scripts.bench_train --configs configs/pln_thesis_b0.1.toml configs/pln_cpu.toml \
         --steps 5 --warmup 2 -o results/bench_train_cpu.json [--device cuda] [--batch_size 8 --crop 256]
 """
 
@@ -18,20 +18,18 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def measure(config: str, steps: int, warmup: int, device: str, overrides: list[str]) -> dict:
     """Runs inside the child process: time `steps` optimiser steps after `warmup` untimed ones."""
     import torch
 
-    import train
     from models import build_model, elbo_loss
+    from training.config import resolve_config
+    from training.loop import use_bf16
 
-    cfg, model_cfg, _ = train.resolve_config([config, f"--device={device}", *overrides])
+    cfg, model_cfg, _ = resolve_config([config, f"--device={device}", *overrides])
     dev = torch.device(device)
-    bf16 = train.use_bf16(cfg.amp, dev)
+    bf16 = use_bf16(cfg.amp, dev)
     model = build_model(model_cfg).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -85,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = []
     for config in args.configs:
-        cmd = [sys.executable, __file__, "--configs", config, "--child", config, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--device", args.device, "-o", os.devnull,
+        cmd = [sys.executable, "-m", "scripts.bench_train", "--configs", config, "--child", config,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "-o", os.devnull,
                *[a for k in ("batch_size", "crop") if (v := getattr(args, k)) is not None for a in (f"--{k}", str(v))]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

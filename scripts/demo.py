@@ -4,20 +4,18 @@ The photo is scikit-image's public-domain `astronaut.png` (installed with the `d
 nothing is downloaded. Writes out/demo/astronaut.rec and out/demo/astronaut.rec.png and prints
 bpp (from the file size) and PSNR.
 
-    python scripts/demo.py [--image PATH] [--coder fast|thesis] [--out out/demo]
+    python -m scripts.demo [--image PATH] [--coder fast|thesis] [--out out/demo]
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
-
-import compress
+from codec import cli
 from codec.image import load_image
 from codec.metrics import psnr
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sample_photo() -> Path:
@@ -40,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     rec = args.out / f"{image.stem}.rec"
     png = args.out / f"{image.stem}.rec.png"
     print(f"demo: compressing {image} with the default model (weights/DEFAULT), coder '{args.coder}'")
-    if compress.main(["encode", str(image), "-o", str(rec), "--coder", args.coder, "--force"]) != 0:
+    if cli.main(["encode", str(image), "-o", str(rec), "--coder", args.coder, "--force"]) != 0:
         return 1
-    if compress.main(["decode", str(rec), "-o", str(png), "--force"]) != 0:
+    if cli.main(["decode", str(rec), "-o", str(png), "--force"]) != 0:
         return 1
     original, _ = load_image(image)
     decoded, _ = load_image(png)

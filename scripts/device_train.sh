@@ -3,7 +3,7 @@
 # 10 minutes, a working tree of at most 64 MiB, files back through $OUT of at most 16 MiB each).
 #
 # Here, once (both folders are git-ignored; the device call carries them):
-#   python scripts/extract_patches.py --src ../shared/data/photos:../shared/data/photos-extra \
+#   python -m scripts.extract_patches --src ../shared/data/photos:../shared/data/photos-extra \
 #       --out .gpu/crops --crop 256 --per-image 2 --format jpg          # ~530 crops, ~15 MB
 #   pip download compressai==1.2.8 for Python 3.12 into .whl/   (the device tool's README says how)
 # There:  device run `bash scripts/device_train.sh` with carry [".gpu", ".whl"]; MINUTES=8 by default

@@ -1,13 +1,13 @@
 """Rate-distortion of our models: real .rec files (actual curve) plus the coder-free ideal curves.
 
-    python scripts/eval_rd.py --data ../shared/data/kodak --model weights/pln-b4-1234abcd.pt \\
+    python -m scripts.eval_rd --data ../shared/data/kodak --model weights/pln-b4-1234abcd.pt \\
         --coder fast -o results/kodak/pln.json
-    python scripts/eval_rd.py --data DIR --model M1 M2 M3 --rec-dir /tmp/recs --per-image -o OUT.json
-    python scripts/eval_rd.py --data DIR --model M --coder thesis --coder-set level2.oversample_bits=1
-    python scripts/eval_rd.py --data DIR --model NEW --add-to OUT.json -o OUT.json   # one more point
-    python scripts/eval_rd.py --data DIR --model weights/pln-vbr-….pt --quality 1 3 5 8 -o vbr.json
+    python -m scripts.eval_rd --data DIR --model M1 M2 M3 --rec-dir /tmp/recs --per-image -o OUT.json
+    python -m scripts.eval_rd --data DIR --model M --coder thesis --coder-set level2.oversample_bits=1
+    python -m scripts.eval_rd --data DIR --model NEW --add-to OUT.json -o OUT.json   # one more point
+    python -m scripts.eval_rd --data DIR --model weights/pln-vbr-….pt --quality 1 3 5 8 -o vbr.json
 
-Each --model (a model file, or a name / SHA-256 prefix looked up as compress.py does: in
+Each --model (a model file, or a name / SHA-256 prefix looked up as rec-codec does: in
 $REC_MODEL_DIR, then weights/) is one RD point of ONE curve (CompressAI's schema, points sorted
 by bpp; see scripts/rd_common.py); a variable-rate model gives one point per --quality (default: all
 of them) or per --beta, named `<model>-q<N>` or `<model>-b<β>`. For every image:
@@ -45,9 +45,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python scripts/eval_rd.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -138,7 +135,7 @@ def eval_image(model, ref: api.ModelRef, store: api.ModelStore, img: np.ndarray,
 
 
 def resolve_models(names: list[str], device: str) -> list[tuple[Path, LatentVariableModel, dict]]:
-    """(file, model, file info) per --model, found as compress.py finds them; UsageError if not."""
+    """(file, model, file info) per --model, found as rec-codec finds them; UsageError if not."""
     found = []
     for name in names:
         try:

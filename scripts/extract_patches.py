@@ -4,8 +4,8 @@ For every image, coef·⌊H/crop⌋·⌊W/crop⌋ random crop×crop patches (or 
 as JPEG with --format jpg (thesis code: coef 10, crop 360, then random 256² crops at train time). Train on
 the result with `train.py --data_dir=OUT`.
 
-    python scripts/extract_patches.py --src clic/train --out patches/ [--crop 360] [--coef 10] [--seed 0]
-    python scripts/extract_patches.py --src photos:photos-extra --out .gpu/crops --crop 256 --per-image 2 \
+    python -m scripts.extract_patches --src clic/train --out patches/ [--crop 360] [--coef 10] [--seed 0]
+    python -m scripts.extract_patches --src photos:photos-extra --out .gpu/crops --crop 256 --per-image 2 \
         --format jpg          # a small training set to carry to a GPU machine (scripts/device_train.sh)
 """
 
@@ -16,9 +16,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.data import DataError, list_images, load_rgb
 

@@ -1,6 +1,6 @@
 """Fuzz the .rec reader and decoder: flip and truncate bytes of real .rec files.
 
-    python scripts/fuzz_rec.py --cases 20000 --seed 1      # tiny random models, a few minutes
+    python -m scripts.fuzz_rec --cases 20000 --seed 1      # tiny random models, a few minutes
 
 Two kinds of mutations of a valid file:
   raw      byte flips, bit flips, truncations, appended bytes: decoding must raise
@@ -21,9 +21,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class CaseTimeout(Exception):

@@ -1,6 +1,6 @@
 """Plot RD curves from results JSON files and tabulate Bjøntegaard deltas.
 
-    python scripts/plot_rd.py results/kodak/*.json \\
+    python -m scripts.plot_rd results/kodak/*.json \\
         ../shared/anchors/kodak/bpg_444_x265_ycbcr.json -o results/kodak/rd_psnr.png \\
         --metric psnr --bd-json results/kodak/bd_vs_bpg.json
 
@@ -28,9 +28,6 @@ import math
 import re
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python scripts/plot_rd.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """Figures of a variable-rate model's evaluation: the per-level share of the rate, and crops beside JPEG.
 
-    python scripts/plot_vbr.py --recs /tmp/vbr-recs --data ../shared/data/kodak --image kodim21.png \\
+    python -m scripts.plot_vbr --recs /tmp/vbr-recs --data ../shared/data/kodak --image kodim21.png \\
         --points pln-vbr-…-q1 pln-vbr-…-q4 pln-vbr-…-q8 --out results/kodak
 
 Reads the .rec files `eval_rd.py --rec-dir DIR` kept (DIR/<point>/<image>.rec, one folder per RD point)
@@ -20,9 +20,6 @@ import io
 import json
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python scripts/plot_vbr.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from PIL import Image

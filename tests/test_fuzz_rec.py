@@ -1,6 +1,6 @@
 """Fuzzing real .rec files: corrupted bytes only ever raise RecFormatError, never hang.
 
-The longer run is `python scripts/fuzz_rec.py --cases 20000`.
+The longer run is `python -m scripts.fuzz_rec --cases 20000`.
 """
 
 import numpy as np

@@ -213,18 +213,19 @@ def test_bench_rejects_missing_folder_with_exit_code_2(tmp_path, capsys):
     )
 
 
-def test_bench_script_run_as_file_reports_bad_folder_without_traceback(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_codecs.py"
+def test_bench_script_run_as_module_reports_bad_folder_without_traceback(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
     cmd = [
         sys.executable,
-        str(script),
+        "-m",
+        "scripts.bench_codecs",
         "--data",
         str(tmp_path / "nope"),
         "--codec",
         "jpeg",
     ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=tmp_path, check=False
+        cmd, capture_output=True, text=True, cwd=repo, check=False
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: data folder not found")
