@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from models.data import DataError, list_images, load_rgb
+from training.data import DataError, list_images, load_rgb
 
 
 def patches_of(img: np.ndarray, crop: int, coef: int, rng: np.random.Generator,

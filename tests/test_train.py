@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import train
-from models import ModelConfig, build_model, elbo_loss, load_model, run, save_model
-from models.data import RandomCrops
-from training import loop
+from models import ModelConfig, build_model, elbo_loss, load_model, save_model
+from training import loop, run
+from training.data import RandomCrops
 from training.config import TRAIN_KEYS, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,1 +1,2 @@
-"""Training of the models in `models/`: the configuration (config.py) and the β-ELBO loop (loop.py)."""
+"""Training of the models in `models/`: the configuration (config.py), the β-ELBO loop (loop.py), its data
+(data.py) and its run plumbing (run.py: checkpoints, stop signals, the KL-spike guard, the weight average, DDP)."""

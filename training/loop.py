@@ -27,10 +27,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from models import ModelConfig, build_model, elbo_loss, save_model
-from models.data import DataError, RandomCrops, full_images
-from models.run import (SpikeGuard, StopSignal, WeightAverage, any_rank, hardware, save_checkpoint,
-                        training_record, trim_log)
 from training.config import MODEL_KEYS, TrainConfig, resolve_config
+from training.data import DataError, RandomCrops, full_images
+from training.run import (SpikeGuard, StopSignal, WeightAverage, any_rank, hardware, save_checkpoint,
+                          training_record, trim_log)
 
 
 class Objective(torch.nn.Module):

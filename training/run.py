@@ -1,4 +1,4 @@
-"""Training-run plumbing kept out of train.py's loop: atomic checkpoints, the log trimmed on resume,
+"""Training-run plumbing kept out of the loop (loop.py): atomic checkpoints, the log trimmed on resume,
 the provenance record an exported model carries, stop signals, the KL-spike guard and the weight
 average."""
 
