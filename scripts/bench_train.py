@@ -25,7 +25,7 @@ def measure(config: str, steps: int, warmup: int, device: str, overrides: list[s
 
     from models import build_model, elbo_loss
     from training.config import resolve_config
-    from training.loop import use_bf16
+    from training.start import use_bf16
 
     cfg, model_cfg, _ = resolve_config([config, f"--device={device}", *overrides])
     dev = torch.device(device)

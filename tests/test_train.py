@@ -12,9 +12,9 @@ import torch
 
 import train
 from models import ModelConfig, build_model, elbo_loss, load_model, save_model
-from training import loop, run
-from training.data import RandomCrops
+from training import objective, run
 from training.config import TRAIN_KEYS, resolve_config
+from training.data import RandomCrops
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -63,8 +63,8 @@ def test_a_few_steps_on_synthetic_images_lower_the_loss(photo_dir):
 
 
 def test_kl_warmup_is_linear_then_flat():
-    assert loop.kl_weight(0, 100) == 0 and loop.kl_weight(50, 100) == 0.5
-    assert loop.kl_weight(100, 100) == 1 and loop.kl_weight(500, 100) == 1 and loop.kl_weight(3, 0) == 1
+    assert objective.kl_weight(0, 100) == 0 and objective.kl_weight(50, 100) == 0.5
+    assert objective.kl_weight(100, 100) == 1 and objective.kl_weight(500, 100) == 1 and objective.kl_weight(3, 0) == 1
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(photo_dir, tmp_path):

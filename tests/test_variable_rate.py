@@ -17,7 +17,8 @@ from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_c
 from codec.params import CoderParams, LevelParams
 from codec.rate import QUALITY_LEVELS, quality_beta
 from models import ModelConfig, build_model, load_model, save_model
-from training import loop
+from training import start
+from training.objective import batch_betas
 from training.config import resolve_config
 
 TINY = dict(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-4.0)
@@ -65,7 +66,7 @@ def test_conditioned_model_starts_as_the_fixed_beta_model_it_is_initialised_from
     torch.manual_seed(0)
     fixed = build_model(ModelConfig(**TINY)).eval()
     vbr = build_model(ModelConfig(**TINY, **RANGE)).eval()
-    loop.load_weights(vbr, fixed.state_dict())
+    start.load_weights(vbr, fixed.state_dict())
     x = torch.rand(1, 3, 40, 72)
     want = fixed(x, sample=False)
     for beta in (0.5, 1.3, 8.0):
@@ -287,11 +288,11 @@ def test_models_lists_the_beta_range(cli):
 
 def test_training_draws_each_images_beta_log_uniformly_and_repeatably():
     cfg, model_cfg, _ = resolve_config(["--beta_knots=4", "--beta_min=0.5", "--beta_max=8"])
-    draws = torch.cat([loop.batch_betas(model_cfg, cfg, step, 0, 8) for step in range(500)])
+    draws = torch.cat([batch_betas(model_cfg, cfg, step, 0, 8) for step in range(500)])
     assert draws.min() >= 0.5 and draws.max() <= 8.0
     assert abs(float(draws.log().mean()) - math.log(2.0)) < 0.05  # log-uniform: mean log β = log √(0.5·8)
-    assert torch.equal(loop.batch_betas(model_cfg, cfg, 7, 0, 8), loop.batch_betas(model_cfg, cfg, 7, 0, 8))
-    assert not torch.equal(loop.batch_betas(model_cfg, cfg, 7, 0, 8), loop.batch_betas(model_cfg, cfg, 8, 0, 8))
+    assert torch.equal(batch_betas(model_cfg, cfg, 7, 0, 8), batch_betas(model_cfg, cfg, 7, 0, 8))
+    assert not torch.equal(batch_betas(model_cfg, cfg, 7, 0, 8), batch_betas(model_cfg, cfg, 8, 0, 8))
 
 
 def test_a_variable_rate_run_warm_starts_from_a_fixed_beta_file_and_validates_at_three_betas(photo_dir, tmp_path):

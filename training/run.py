@@ -1,6 +1,6 @@
-"""Training-run plumbing kept out of the loop (loop.py): atomic checkpoints, the log trimmed on resume,
-the provenance record an exported model carries, stop signals, the KL-spike guard and the weight
-average."""
+"""Training-run plumbing kept out of the loop (loop.py): a process's run state (Run: its checkpoint and its
+export), atomic checkpoints, the log trimmed on resume, the provenance record an exported model carries,
+stop signals, the KL-spike guard, the weight average and the agreement of DDP ranks."""
 
 import json
 import os
@@ -8,12 +8,14 @@ import platform
 import signal
 import statistics
 from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from models import unwrap
+from models import ModelConfig, save_model, unwrap
+from training.config import TrainConfig
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, provenance: dict,
@@ -166,3 +168,45 @@ def trim_log(path: Path, step: int) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
         path.write_text("".join(kept))
+
+
+@dataclass
+class Run:
+    """One process's share of a training run: its settings, model, optimizer and progress."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    ckpt_path: Path
+    resumed: bool
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int  # batches done, skipped ones included
+    provenance: dict  # where the weights started and the segments trained (kept in checkpoints)
+    average: WeightAverage | None
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def config(self) -> dict:
+        return {**asdict(self.cfg), **self.model_cfg.to_dict()}
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.step, self.config, self.provenance,
+                        self.average)
+
+    def export(self) -> Path:
+        """The model file `<arch>-<tag>-<sha8>.pt` in export_dir: the weight average when the run keeps one
+        (loaded into the model), with the training record and the training config."""
+        cfg, average = self.cfg, self.average
+        record = training_record(cfg.out_dir, self.step, self.provenance, cfg.init_from)
+        meta = {"step": self.step, "training": record, "train_config": asdict(cfg)}  # β, crops, lr, data folder
+        if average is not None:
+            self.model.load_state_dict(average.state_dict(self.model))
+            meta["weights"] = f"exponential moving average, decay {average.decay}, {average.updates} updates"
+        tag = cfg.tag or Path(cfg.out_dir).name
+        return save_model(self.model, cfg.export_dir, tag, getattr(torch, cfg.export_dtype), meta=meta)
