@@ -113,7 +113,7 @@ class RecHeader:
             raise RecFormatError("beta_code", f"{self.beta_code} is outside [1, 65535]")
 
     def to_dict(self) -> dict:
-        """Plain-JSON view for `compress.py info`."""
+        """Plain-JSON view for `rec-codec info`."""
         return {"format_version": self.format_version, "rng_version": self.rng_version,
                 "model_name": self.model_name, "model_hash": self.model_hash.hex(),
                 "height": self.height, "width": self.width, "seed": self.seed, "coder": self.coder,
