@@ -169,7 +169,9 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
         q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
         # z is the CODED sample: the next level's prior and posterior are computed from it
         z, data, stats = encode_level(q_loc, q_scale, p_loc, p_scale, seed=seed, level=level,
-                                      params=params, return_stats=True)
+                                      params=params, return_stats=True, choose_decay=True)
+        if stats["shard_decay"] is not None:  # the header carries the decay each level was coded with
+            params = params.with_level(level, shard_decay=stats["shard_decay"])
         sections.append(data)
         levels.append(stats)
         del q_loc, q_scale

@@ -46,6 +46,11 @@ def _shard_table(steps: int, decay: float) -> torch.Tensor:  # ~2 ms to build, 1
     return t
 
 
+def pool_table(seed: int, level: int, bits: int, n_cols: int, device) -> torch.Tensor:
+    """The first n_cols columns of the level's pool, all 2^bits rows: what a walk reads."""
+    return rng.pool_block(seed, level, 0, 1 << bits, n_cols, device)
+
+
 _DECODE_CHUNK = 1 << 18  # pool values per batch of steps: cache-sized (one step of level 1)
 _GPU_DECODE_CHUNK = 1 << 23  # on a GPU, all of level 1's steps at once: each batch waits once
 
@@ -74,12 +79,14 @@ def encode(
     decay: float = 1.0,
     auxiliary: bool = False,
     sample: bool = False,
+    table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code N(m, v) (float64, standardised, groups of `sizes` in order).
 
     Group g takes S_g = group_steps[g] <= steps steps of variance 1/S_g (all `steps` if None).
-    Returns the (G, steps) indices (entries at steps >= S_g are unused) and the float32
-    sample, exactly as `decode` rebuilds it.
+    `table` may hold the level's pool (`pool_table`, at least as many columns as this layout
+    reads) to save building it again. Returns the (G, steps) indices (entries at steps >= S_g
+    are unused) and the float32 sample, exactly as `decode` rebuilds it.
     """
     device = m.device
     lay = pool.make_layout(sizes, width, device, windows)
@@ -91,7 +98,9 @@ def encode(
     scales = shard_table(steps, decay).to(device)
     var = scales.double() ** 2
     rest = var.flip(1).cumsum(1).flip(1)  # [S_g - 1, k]: variance of shards k.. of the group
-    table = rng.pool_block(seed, level, 0, k, lay.n_windows * width, device)
+    if table is None:
+        table = pool_table(seed, level, bits, lay.n_windows * width, device)
+    table = table[:, : lay.n_windows * width]  # pool entries are a function of (row, column) alone
     feats = [pool.window_features(table, width, w, gemm_dtype) for w in range(lay.n_windows)]
     z = torch.zeros(m.shape, dtype=torch.float32, device=device)
     indices = torch.zeros(lay.n_groups, steps, dtype=torch.int64, device=device)

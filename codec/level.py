@@ -22,6 +22,7 @@ import math
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -158,39 +159,121 @@ def _size_field(lp: LevelParams) -> tuple[int, bool]:
     return (lp.max_group_size if direct else lp.max_group_size.bit_length()), direct
 
 
-@torch.no_grad()
-def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
-                 params: CoderParams, return_stats: bool = False):
-    """Code a sample of q = N(q_loc, q_scale^2) against p = N(p_loc, p_scale^2).
+@dataclass
+class _Plan:
+    """What the encoder decides from q and p before any sampling: the dims' standardised target,
+    which dims are outliers, zero runs or coded, and the coded groups' sizes and index lengths."""
 
-    Returns (sample, data) or, with return_stats, (sample, data, stats dict). `sample` has
-    the shape and dtype of p_loc and equals decode_level's output bit for bit.
-    """
-    t0 = time.perf_counter()
-    lp = params.for_level(level)
-    shape = p_loc.shape
-    if not (q_loc.shape == q_scale.shape == p_scale.shape == shape):
+    m: torch.Tensor  # (n,) float64 standardised posterior mean
+    v: torch.Tensor  # (n,) float64 standardised posterior variance
+    kl: torch.Tensor  # (n,) float64 KL of each dim, nats
+    kl_bits: np.ndarray  # (n,) the same in bits
+    out_np: np.ndarray  # (n,) bool: sent as a quantised outlier
+    out_pos: torch.Tensor  # positions of the outliers
+    inl_np: np.ndarray  # positions of the other dims
+    seg_sizes: np.ndarray  # segments of the inliers, in scan order
+    seg_zero: np.ndarray  # whether each segment is a zero run
+    seg_dim_zero: np.ndarray  # per inlier dim: in a zero run
+    zero_pos: torch.Tensor  # positions of the zero-run dims
+    cod_pos: torch.Tensor  # positions of the coded dims, group by group
+    sizes: np.ndarray  # coded group sizes
+    group_kl: torch.Tensor  # (G,) float64 KL of each coded group, nats
+    lens: np.ndarray | None  # per coded group: steps (greedy) or index bits (importance); None if fixed
+
+
+def _plan(q_loc, q_scale, p_loc, p_scale, lp: LevelParams) -> _Plan:
+    if not (q_loc.shape == q_scale.shape == p_scale.shape == p_loc.shape):
         raise ValueError("q_loc, q_scale, p_loc, p_scale must have the same shape")
     m, v = standardise(q_loc, q_scale, p_loc, p_scale)
     kl = kl_nats(m, v)
     kl_bits = (kl / math.log(2)).cpu().numpy()
-    n = m.numel()
-    _check_size(n)
+    _check_size(m.numel())
     device = m.device
     out_np = kl_bits > lp.outlier_bits
     if lp.outlier_min_ratio > 0:  # greedy: shards of variance 1/S cannot resolve these
         ratio = (v.sqrt() * math.sqrt(lp.steps)).cpu().numpy()
         out_np |= (ratio < lp.outlier_min_ratio) & (kl_bits > lp.outlier_min_bits)
     outlier = torch.from_numpy(out_np).to(device)
-    out_pos = torch.nonzero(outlier).squeeze(1)
     inl_pos = torch.nonzero(~outlier).squeeze(1)
     inl_np = inl_pos.cpu().numpy()
     seg_sizes, seg_zero = segments(kl_bits[inl_np], lp)
     seg_dim_zero = np.repeat(seg_zero, seg_sizes)
-    zero_pos = inl_pos[torch.from_numpy(seg_dim_zero).to(device)]
     cod_pos = inl_pos[torch.from_numpy(~seg_dim_zero).to(device)]
     sizes = seg_sizes[~seg_zero]
-    sizes_t = torch.from_numpy(sizes).to(device)
+    group_kl = torch.zeros(len(sizes), dtype=torch.float64, device=device)
+    group_kl.index_add_(0, torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                                   torch.from_numpy(sizes).to(device)), kl[cod_pos])
+    lens = index_lengths((group_kl / math.log(2)).cpu().numpy(), lp) if lp.adaptive else None
+    return _Plan(m=m, v=v, kl=kl, kl_bits=kl_bits, out_np=out_np, out_pos=torch.nonzero(outlier).squeeze(1),
+                 inl_np=inl_np, seg_sizes=seg_sizes, seg_zero=seg_zero, seg_dim_zero=seg_dim_zero,
+                 zero_pos=inl_pos[torch.from_numpy(seg_dim_zero).to(device)], cod_pos=cod_pos, sizes=sizes,
+                 group_kl=group_kl, lens=lens)
+
+
+def _greedy_walk(m, v, sizes: np.ndarray, lens: np.ndarray | None, lp: LevelParams, params: CoderParams,
+                 decay: float, table: torch.Tensor, *, seed: int, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """greedy.encode of these groups with the level's settings, the given shard decay and pool."""
+    device = m.device
+    return greedy.encode(m, v, torch.from_numpy(sizes).to(device), seed=seed, level=level, bits=lp.index_bits,
+                         steps=lp.steps, width=params.pool_width, windows=params.pool_windows,
+                         memory_bytes=params.memory_bytes(device), gemm_dtype=params.gemm_torch_dtype,
+                         group_steps=None if lens is None else torch.from_numpy(lens).to(device),
+                         decay=decay, auxiliary=lp.target == "auxiliary", sample=lp.selection == "sample",
+                         table=table)
+
+
+def _choose_decay(plan: _Plan, lp: LevelParams, params: CoderParams, table: torch.Tensor, *, seed: int,
+                  level: int) -> float:
+    """The shard decay, among `lp.decay_choices`, whose coded sample lies closest to the posterior
+    mean: the smallest mean of u^2 = (z - mu_q)^2 / sigma_q^2 over the coded dims.
+
+    A greedy walk's sample is biased, and how much depends on how its shard sizes fit the
+    posterior's widths: shards that shrink too fast leave the broad dims to a few coarse steps,
+    too slowly and the last steps cannot pin the sharp ones. Where the walk misses, u^2 grows; and
+    since the posterior precision is the prior's plus the likelihood's curvature, the excess of
+    sum u^2 tracks the excess distortion of the decoded image. Each choice is tried on every
+    `decay_trial_every`-th coded group (the same statistics, a fraction of the work).
+    """
+    pick = np.arange(plan.sizes.size) % lp.decay_trial_every == 0
+    if len(lp.decay_choices) < 2 or not pick.any():
+        return lp.shard_decay
+    dims = plan.cod_pos[torch.from_numpy(np.repeat(pick, plan.sizes)).to(plan.m.device)]
+    m, v = plan.m[dims], plan.v[dims]
+    lens = None if plan.lens is None else plan.lens[pick]
+    scores = []
+    for decay in lp.decay_choices:
+        _, x = _greedy_walk(m, v, plan.sizes[pick], lens, lp, params, decay, table, seed=seed, level=level)
+        scores.append(float(((x.double() - m) ** 2 / v).mean()))
+    return lp.decay_choices[int(np.argmin(scores))]
+
+
+@torch.no_grad()
+def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
+                 params: CoderParams, return_stats: bool = False, choose_decay: bool = False):
+    """Code a sample of q = N(q_loc, q_scale^2) against p = N(p_loc, p_scale^2).
+
+    With `choose_decay`, a greedy level codes with the shard decay among its `decay_choices`
+    whose sample fits q best; the data then decode with `params.with_level(level,
+    shard_decay=stats["shard_decay"])`, which is what a header must carry. Returns (sample,
+    data) or, with return_stats, (sample, data, stats dict). `sample` has the shape and dtype of
+    p_loc and equals decode_level's output bit for bit.
+    """
+    t0 = time.perf_counter()
+    lp = params.for_level(level)
+    plan = _plan(q_loc, q_scale, p_loc, p_scale, lp)
+    table = None
+    if lp.sampler == "greedy":
+        most_blocks = int(-(-plan.sizes.max() // params.pool_width)) if plan.sizes.size else 1
+        table = greedy.pool_table(seed, level, lp.index_bits,
+                                  min(params.pool_windows, most_blocks) * params.pool_width, plan.m.device)
+        if choose_decay:
+            params = params.with_level(level, shard_decay=_choose_decay(plan, lp, params, table, seed=seed,
+                                                                        level=level))
+            lp = params.for_level(level)
+    m, v, sizes, lens, out_pos, zero_pos, cod_pos = (plan.m, plan.v, plan.sizes, plan.lens, plan.out_pos,
+                                                     plan.zero_pos, plan.cod_pos)
+    seg_sizes, seg_zero = plan.seg_sizes, plan.seg_zero
+    n, device = m.numel(), m.device
     eps = torch.empty(n, dtype=torch.float32, device=device)
 
     # outliers: a private posterior draw, quantised; the encoder keeps what the decoder sees
@@ -200,35 +283,25 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     eps[out_pos] = _dequantise(q, r)
     eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
 
-    group_kl = torch.zeros(len(sizes), dtype=torch.float64, device=device)
-    group_kl.index_add_(0, torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                                   sizes_t), kl[cod_pos])
-    group_kl_bits = (group_kl / math.log(2)).cpu().numpy()
-    lens = index_lengths(group_kl_bits, lp) if lp.adaptive else None
-    common = dict(seed=seed, level=level, bits=lp.index_bits,
-                  memory_bytes=params.memory_bytes(device), gemm_dtype=params.gemm_torch_dtype)
     if lp.sampler == "greedy":
-        steps_t = None if lens is None else torch.from_numpy(lens).to(device)
-        idx, x = greedy.encode(m[cod_pos], v[cod_pos], sizes_t, steps=lp.steps,
-                               width=params.pool_width, windows=params.pool_windows,
-                               group_steps=steps_t, decay=lp.shard_decay,
-                               auxiliary=lp.target == "auxiliary",
-                               sample=lp.selection == "sample", **common)
+        idx, x = _greedy_walk(m[cod_pos], v[cod_pos], sizes, lens, lp, params, lp.shard_decay, table,
+                              seed=seed, level=level)
         steps_np = np.full(len(sizes), lp.steps) if lens is None else lens
         used = np.arange(lp.steps)[None, :] < steps_np[:, None]
         idx_np = idx.cpu().numpy()[used]
         widths = lp.index_bits
     else:
         if lens is None:
-            n_cand = torch.exp(group_kl + lp.oversample_bits * math.log(2)).ceil()
+            n_cand = torch.exp(plan.group_kl + lp.oversample_bits * math.log(2)).ceil()
             widths = lp.index_bits
         else:
             n_cand = torch.exp2(torch.from_numpy(lens).to(device).double())
             widths = lens
         n_cand = n_cand.clamp(1, 1 << lp.index_bits).long()
-        idx, x = importance.encode(m[cod_pos], v[cod_pos], sizes_t, n_cand,
-                                   width=lp.pool_width, sample=lp.selection == "sample",
-                                   **common)
+        idx, x = importance.encode(m[cod_pos], v[cod_pos], torch.from_numpy(sizes).to(device), n_cand,
+                                   seed=seed, level=level, bits=lp.index_bits, width=lp.pool_width,
+                                   memory_bytes=params.memory_bytes(device), gemm_dtype=params.gemm_torch_dtype,
+                                   sample=lp.selection == "sample")
         idx_np = idx.cpu().numpy()
     eps[cod_pos] = x
 
@@ -257,12 +330,14 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     sample = _destandardise(eps, p_loc, p_scale)
     if not return_stats:
         return sample, data
+    kl_bits = plan.kl_bits
     stats = dict(level=level, sampler=lp.sampler, n_dims=n, kl_bits=float(kl_bits.sum()),
                  bits=8 * len(data), index_bits=index_bits,
                  side_bits=8 * len(data) - index_bits, n_groups=len(sizes),
-                 n_outliers=int(out_pos.numel()), outlier_kl_bits=float(kl_bits[out_np].sum()),
+                 n_outliers=int(out_pos.numel()), outlier_kl_bits=float(kl_bits[plan.out_np].sum()),
                  n_zero_runs=int(seg_zero.sum()), n_zero_dims=int(zero_pos.numel()),
-                 zero_kl_bits=float(kl_bits[inl_np][seg_dim_zero].sum()),
+                 zero_kl_bits=float(kl_bits[plan.inl_np][plan.seg_dim_zero].sum()),
+                 shard_decay=lp.shard_decay if lp.sampler == "greedy" else None,
                  rans_bytes=len(rans), raw_side_bits=side_bits, seconds=time.perf_counter() - t0)
     return sample, data, stats
 

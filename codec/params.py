@@ -15,7 +15,7 @@ SAMPLERS = ("greedy", "importance")
 _FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
 
 
-_SCALAR_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_SCALAR_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
 
 
 def _parse_value(key: str, text: str, kind: type):
@@ -28,8 +28,12 @@ def _parse_value(key: str, text: str, kind: type):
         value = float(value)
     if kind is str and not isinstance(value, str):
         value = text
+    if kind is tuple and isinstance(value, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        value = tuple(float(x) for x in value)
     if type(value) is not kind:
-        wanted = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+        wanted = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                  tuple: "a list of numbers"}[kind]
         raise ValueError(f"{key} must be {wanted}, got {text!r}")
     return value
 
@@ -52,6 +56,8 @@ class LevelParams:
     shard_decay: float = 1.0  # greedy shard variances r^k, normalised (1: thesis' equal)
     outlier_min_ratio: float = 0.0  # greedy: dims with sigma_q/sigma_p < ratio/sqrt(S) ...
     outlier_min_bits: float = 0.0  # ... and KL above this are sent as outliers too
+    decay_choices: tuple[float, ...] = ()  # greedy: the encoder codes with the one whose sample
+    decay_trial_every: int = 4  # fits q best, tried on every n-th group (level.choose_shard_decay)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -70,6 +76,11 @@ class LevelParams:
             raise ValueError("target must be 'sum' or 'auxiliary'")
         if not 0.0 < self.shard_decay <= 1.0:
             raise ValueError("shard_decay must be in (0, 1]")
+        object.__setattr__(self, "decay_choices", tuple(float(d) for d in self.decay_choices))
+        if not all(0.0 < d <= 1.0 for d in self.decay_choices):
+            raise ValueError("decay_choices must lie in (0, 1]")
+        if self.decay_trial_every < 1:
+            raise ValueError("decay_trial_every must be >= 1")
         if self.budget_bits <= 0:
             raise ValueError("margin_nats leaves no group budget")
 
@@ -93,40 +104,38 @@ class LevelParams:
         return max(2, 1 << (self.max_group_size - 1).bit_length())
 
 
-# The thesis code's level-1 budgets (S=30 x b=14 bits, groups <= 4095, margin 1 nat).
-# Departures, all in the encoder's or the format's favour (see `preset`): index lengths adapt
-# per group, near-zero-KL runs cost no index, greedy shards shrink geometrically (thesis:
-# equal) and each greedy step scores a shard by its weight under its own conditional target
-# given the walk so far (`target="auxiliary"`, encoder-only; thesis: log q of the running sum,
-# which lets a group's sharpest dims decide and spreads the others 2-3x wider than q). Same
-# files, better samples: on Kodak (24 images) +0.09 to +0.35 dB across the shipped ladder.
+# The shard decays the encoder chooses between, per level and file (the one whose coded sample fits
+# q best; the choice travels in the header). How fast the shards should shrink depends on the
+# posterior's widths, which vary with the image and the rate; no single decay is best everywhere.
+DECAY_CHOICES = (0.85, 0.9, 0.95)
+# The thesis code's level-1 budgets (S=30 x b=14 bits, groups <= 4095, margin 1 nat), with
+# departures in the encoder's or the format's favour: index lengths adapt per group, near-zero-KL
+# runs (collapsed channels) cost no index, greedy shards shrink geometrically (thesis: equal, which
+# cannot resolve dims with sigma_q << 1/sqrt(S)), and each greedy step scores a shard by its weight
+# under its own conditional target given the walk so far (`target="auxiliary"`, encoder-only;
+# the thesis's log q of the running sum lets a group's sharpest dims decide and spreads the others
+# 2-3x wider than q).
 THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
-                        shard_decay=0.85)
-# Level 2 walks the same greedy budgets instead of the thesis's importance sampler (B=20 bits,
-# groups <= 15 dims): those groups carry ~10-15 bits of KL each and need ~6-7 bits of side
-# information (size, index length), so level 2 cost 1.5-1.8x its KL; 420-bit greedy groups
-# cost ~1.06x. On Kodak (24 images), the six shipped models: files -4.9 to -5.8 % (N=192:
-# -0.5 %), PSNR -0.008 to +0.001 dB. Shards shrink more slowly than on level 1 (0.9): level 2's
-# KL sits in broader dims. Runs of >= 1024 near-zero-KL dims (collapsed channels) skip the walk,
-# as on level 1, instead of paying a step per group.
+                        shard_decay=0.85, decay_choices=DECAY_CHOICES)
+# Level 2 walks the same greedy budgets rather than the thesis's importance sampler: its groups of
+# <= 15 dims carry ~10-15 bits of KL each and need ~6-7 bits of side information (size, index
+# length), ~1.5x KL in all, where 420-bit greedy groups cost ~1.06x.
 THESIS_L2 = THESIS_L1.replace(shard_decay=0.9)
-# The importance sampler with the thesis's level-2 budgets and KL-length indices (the `thesis`
-# preset's level 2 until the greedy walk replaced it): closer to an exact posterior sample on
-# very sharp dims, at ~1.5x KL. Its outlier limit is the group budget (thesis: 12 bits). No
-# zero runs: on real images level 2's KL is spread thinly (~0.2 bits a dim), and each run cost
-# ~6 bits plus a group boundary, more than its dims add inside importance groups (4 Kodak
-# images, pln-cpu-b4: -2.5% file size, same PSNR).
+# The importance sampler with the thesis's level-2 budgets and KL-length indices: closer to an
+# exact posterior sample on very sharp dims, at ~1.5x KL. Its outlier limit is the group budget
+# (thesis: 12 bits). No zero runs: level 2's KL is spread thinly (~0.2 bits a dim), and a run's
+# side information costs more than its dims add inside importance groups.
 IMPORTANCE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 18.5, zero_run=0)
 # Exactly the thesis code's semantics (fixed B-bit / S-step indices, equal shards, 12-bit limit).
 THESIS_CODE_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, adaptive=False, zero_run=0)
 THESIS_CODE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0, adaptive=False, zero_run=0)
 # ~10x fewer candidate evaluations than `thesis`; level 2 walks greedily too (fewer groups).
 FAST_L1 = LevelParams("greedy", 10, 40, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
-                      shard_decay=0.85)
+                      shard_decay=0.85, decay_choices=DECAY_CHOICES)
 # dims with sigma_q/sigma_p < 0.1/sqrt(12) go to outliers: 12 steps of 10 bits cannot pin them
 # (the importance sampler costs 1.3-1.7x KL instead)
 FAST_L2 = LevelParams("greedy", 10, 12, 4095, 0.5, 18.0, zero_run=384, target="auxiliary",
-                      shard_decay=0.9, outlier_min_ratio=0.1)
+                      shard_decay=0.9, outlier_min_ratio=0.1, decay_choices=DECAY_CHOICES)
 
 # CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
 _PRESET_FIELDS = {
@@ -154,6 +163,43 @@ REGISTERED_FORMATS = {k: bytes.fromhex(v) for k, v in {
     6: "0202140001000f4200000000800008003ff0000000000000"  # thesis-code, 2 levels
        "01010e001e0fff4200000000800008003ff0000000000000",
     7: "01010e001e0fff4200000000800008003ff0000000000000",  # thesis-code, 1 level
+    # the shard decays `thesis` and `fast` choose between (DECAY_CHOICES), other than the above
+    8: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.85 (level 1)
+       "01010e001e0fff4200000000800008013feb333333333333",
+    9: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.9 (level 1)
+       "01010e001e0fff4200000000800008013feccccccccccccd",
+    10: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.95 (level 1)
+       "01010e001e0fff4200000000800008013fee666666666666",
+    11: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis, shard decays 0.9 (level 2) / 0.9 (level 1)
+       "01010e001e0fff4200000000800008013feccccccccccccd",
+    12: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis, shard decays 0.9 (level 2) / 0.95 (level 1)
+       "01010e001e0fff4200000000800008013fee666666666666",
+    13: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.85 (level 1)
+       "01010e001e0fff4200000000800008013feb333333333333",
+    14: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.9 (level 1)
+       "01010e001e0fff4200000000800008013feccccccccccccd",
+    15: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.95 (level 1)
+       "01010e001e0fff4200000000800008013fee666666666666",
+    16: "01010e001e0fff4200000000800008013feccccccccccccd",  # thesis, 1 level, shard decay 0.9
+    17: "01010e001e0fff4200000000800008013fee666666666666",  # thesis, 1 level, shard decay 0.95
+    18: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.85 (level 1)
+       "01010a00280fff4200000000800008013feb333333333333",
+    19: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.9 (level 1)
+       "01010a00280fff4200000000800008013feccccccccccccd",
+    20: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.95 (level 1)
+       "01010a00280fff4200000000800008013fee666666666666",
+    21: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, shard decays 0.9 (level 2) / 0.9 (level 1)
+       "01010a00280fff4200000000800008013feccccccccccccd",
+    22: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, shard decays 0.9 (level 2) / 0.95 (level 1)
+       "01010a00280fff4200000000800008013fee666666666666",
+    23: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.85 (level 1)
+       "01010a00280fff4200000000800008013feb333333333333",
+    24: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.9 (level 1)
+       "01010a00280fff4200000000800008013feccccccccccccd",
+    25: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.95 (level 1)
+       "01010a00280fff4200000000800008013fee666666666666",
+    26: "01010a00280fff4200000000800008013feccccccccccccd",  # fast, 1 level, shard decay 0.9
+    27: "01010a00280fff4200000000800008013fee666666666666",  # fast, 1 level, shard decay 0.95
 }.items()}
 
 
@@ -198,6 +244,10 @@ class CoderParams:
         if level not in (1, 2):
             raise ValueError(f"level must be 1 or 2, got {level}")
         return self.level1 if level == 1 else self.level2
+
+    def with_level(self, level: int, **changes) -> "CoderParams":
+        """These params with fields of one level's LevelParams changed."""
+        return self.replace(**{f"level{level}": self.for_level(level).replace(**changes)})
 
     @property
     def gemm_torch_dtype(self) -> torch.dtype:
@@ -244,7 +294,8 @@ class CoderParams:
         return params
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON types (decay_choices as a list): equal to its own JSON round trip."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "CoderParams":

@@ -306,7 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, nargs="+", metavar="M", help="model files, names or hashes")
     p.add_argument("--coder", default="thesis", choices=api.PRESETS, help="coder preset")
     p.add_argument("--coder-set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="change preset fields, e.g. level2.shard_decay=0.85 level1.steps=20 (see codec/params.py)")
+                   help="change preset fields, e.g. level1.steps=20 level2.decay_choices=[] level2.shard_decay=0.85 "
+                        "(an empty decay_choices fixes the decay; see codec/params.py)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="file seed of the coder and seed of the ideal sample")
     p.add_argument("--quality", type=int, nargs="+", default=list(range(1, QUALITY_LEVELS + 1)), metavar="N",

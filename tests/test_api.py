@@ -72,9 +72,15 @@ def test_decoded_pixels_equal_the_encoders_prediction(store, models_dir, arch, s
 
 def test_preset_coder_roundtrip_and_header(store, models_dir):
     model, ref = load(store, models_dir, "pln")
-    data, x_hat, _ = compress_image(model, image(37, 53), model_ref=ref, params="fast")
+    data, x_hat, stats = compress_image(model, image(37, 53), model_ref=ref, params="fast")
     header, sections = unpack_rec(data)
-    assert header.coder == "fast" and header.coder_params == b"R\x03" and len(sections) == 2
+    chosen = CoderParams.preset("fast")
+    for level_stats in stats["levels"]:  # the shard decay the encoder chose for each level
+        chosen = chosen.with_level(level_stats["level"], shard_decay=level_stats["shard_decay"])
+    fields = chosen.levels_format_bytes(2)
+    assert header.coder == "fast" and len(sections) == 2
+    assert header.coder_params == b"R" + bytes([registered_id(fields)])  # every choice has an id
+    assert api.params_from_header(header, 2).levels_format_bytes(2) == fields
     np.testing.assert_array_equal(decompress(data, store)[0], x_hat)
 
 
@@ -171,8 +177,11 @@ def test_files_decode_from_the_params_in_their_header_when_a_preset_changed_or_i
     for coder in ("thesis", "turbo"):  # a retuned preset; a preset of a newer build
         assert np.array_equal(decompress(_rewrap(data, coder=coder), store)[0], x_hat)
     header, _ = unpack_rec(data)
-    assert api.params_from_header(header, 2) == CoderParams.preset("fast")  # full preset when it matches
-    explicit = b"P" + CoderParams.preset("fast").levels_format_bytes(2)  # as a retuned preset is sent
+    fields = api.params_from_header(header, 2).levels_format_bytes(2)
+    fast_id = registered_id(CoderParams.preset("fast").levels_format_bytes(2))
+    as_shipped = unpack_rec(_rewrap(data, coder_params=b"R" + bytes([fast_id])))[0]
+    assert api.params_from_header(as_shipped, 2) == CoderParams.preset("fast")  # full preset when it matches
+    explicit = b"P" + fields  # as a retuned preset is sent
     assert np.array_equal(decompress(_rewrap(data, coder_params=explicit), store)[0], x_hat)
     bad = explicit[:2] + b"\x09" + explicit[3:]  # level 2's sampler id
     with pytest.raises(RecFormatError, match=r"^coder_params: invalid coder parameters \(malformed parameters "

@@ -318,6 +318,50 @@ def test_shrinking_shards_resolve_sharp_dims():
     assert abs(stats[0.85][2]) < 0.15
 
 
+def _mean_u2(z, q_loc, q_scale):
+    return (residuals(z, q_loc, q_scale) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("low, high", [(0.03, 0.15), (0.3, 0.9)])
+def test_chosen_shard_decay_codes_the_sample_closest_to_the_posterior(low, high):
+    # Which decay fits depends on the posterior's widths: the chooser, trying each decay on a
+    # quarter of the groups, must pick the one whose WHOLE-level sample has the smallest mean u^2
+    # (or one within noise of it); every choice round-trips.
+    g = torch.Generator().manual_seed(5)
+    n = 6000
+    ratio = torch.exp(torch.empty(n).uniform_(math.log(low), math.log(high), generator=g))
+    q_loc, q_scale, p = torch.randn(n, generator=g) * 0.8, ratio, (torch.zeros(n), torch.ones(n))
+    choices = (0.7, 0.85, 1.0)
+    params = SMALL.replace(level1=LevelParams("greedy", 10, 24, 400, 1.0, 30.0, decay_choices=choices))
+    u2 = {}
+    for decay in choices:
+        z, _, _ = roundtrip(q_loc, q_scale, *p, 1, params.with_level(1, shard_decay=decay))
+        u2[decay] = _mean_u2(z, q_loc, q_scale)
+    z, data, st = encode_level(q_loc, q_scale, *p, seed=3, level=1, params=params, return_stats=True,
+                               choose_decay=True)
+    chosen = st["shard_decay"]
+    assert torch.equal(z, decode_level(*p, data, seed=3, level=1, params=params.with_level(1, shard_decay=chosen)))
+    assert chosen in choices and u2[chosen] <= 1.05 * min(u2.values()), (chosen, u2)
+    assert max(u2.values()) > 1.3 * min(u2.values()), u2  # the choice matters here
+
+
+def test_shard_decay_is_not_chosen_without_choices_or_for_the_importance_sampler():
+    q_loc, q_scale, p_loc, p_scale = targets((800,), 0.5)
+    for params, level in [(SMALL, 1), (SMALL.with_level(2, decay_choices=(0.5, 0.9)), 2)]:
+        z, data = encode_level(q_loc, q_scale, p_loc, p_scale, seed=1, level=level, params=params, choose_decay=True)
+        assert data == encode_level(q_loc, q_scale, p_loc, p_scale, seed=1, level=level, params=params)[1]
+
+
+def test_decay_choices_are_set_from_the_command_line_form():
+    p = SMALL.with_overrides(["level1.decay_choices=[0.8, 0.9]", "level1.decay_trial_every=2"])
+    assert p.level1.decay_choices == (0.8, 0.9) and p.level1.decay_trial_every == 2
+    assert CoderParams.from_dict(p.to_dict()) == p  # JSON round trip keeps a tuple
+    with pytest.raises(ValueError, match=r"^level1.decay_choices must be a list of numbers, got '0.9'$"):
+        SMALL.with_overrides(["level1.decay_choices=0.9"])
+    with pytest.raises(ValueError, match=r"decay_choices must lie in \(0, 1\]$"):
+        SMALL.with_overrides(["level1.decay_choices=[0.9, 1.5]"])
+
+
 def test_one_huge_kl_dim_is_sent_as_an_outlier_the_encoder_also_uses():
     n = 500
     q_loc, q_scale = torch.zeros(n), torch.ones(n) * 0.9
