@@ -36,7 +36,7 @@ SUPPORTED_RNG_VERSIONS = (RNG_VERSION,)
 
 MAX_SIDE = 1 << 16  # pixels per side: no image a codec can hold in memory is larger
 MAX_NAME = 64  # model name / coder id characters
-MAX_PARAMS = 4096  # bytes of coder parameters (parsed and checked by codec.api)
+MAX_PARAMS = 4096  # bytes of coder parameters (parsed and checked by codec.header_params)
 MAX_SECTIONS = 8  # latent levels
 MAX_FILE_BYTES = 1 << 30
 BETA_STEPS_PER_OCTAVE = 256  # beta_code = 32768 + 256·log2(β): β from 2^-128 to 2^128 in 0.27 % steps
@@ -80,7 +80,7 @@ class RecHeader:
     width: int
     seed: int
     coder: str = "thesis"  # the coder preset the file was written with (informational)
-    coder_params: bytes = b""  # what the decoder depends on (codec.api.params_to_bytes)
+    coder_params: bytes = b""  # what the decoder depends on (codec.header_params.params_to_bytes)
     rng_version: int = RNG_VERSION
     beta_code: int | None = None  # the β of a variable-rate model (format version 2), else None
 

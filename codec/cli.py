@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from codec.api import PRESETS
+from codec.params import PRESETS
 from codec.cli_jobs import UsageError, describe_error, plan, run_jobs, say
 from codec.image import IMAGE_EXTS
 from codec.metrics import psnr
@@ -106,12 +106,13 @@ def cmd_encode(args) -> int:
     from codec.bitstream import write_atomic
     from codec.image import load_image
     from codec.rate import BPP_TOLERANCE, compress_to_bpp
+    from codec.store import ModelNotFoundError, ModelStore, find_model
 
     jobs = plan(args.inputs, args.output, IMAGE_EXTS, lambda n: str(Path(n).with_suffix(".rec")))
-    store = api.ModelStore(args.device)
+    store = ModelStore(args.device)
     try:
-        model, ref = store.load(api.find_model(args.model))
-    except api.ModelNotFoundError as e:
+        model, ref = store.load(find_model(args.model))
+    except ModelNotFoundError as e:
         say(f"error: {e}", err=True)
         return 1
     max_pixels = args.max_pixels or api.MAX_PIXELS
@@ -174,11 +175,12 @@ def cmd_decode(args) -> int:
     from codec import api
     from codec.bitstream import MAX_FILE_BYTES, RecFormatError
     from codec.image import save_png
+    from codec.store import ModelStore
 
     jobs = plan(args.inputs, args.output, (".rec",), lambda n: n + ".png")
     if args.model is not None and not Path(args.model).is_file():
         raise UsageError(f"--model {args.model}: no such file")
-    store = api.ModelStore(args.device, model_path=args.model)
+    store = ModelStore(args.device, model_path=args.model)
 
     def work(src: Path, dst: Path) -> dict:
         size = src.stat().st_size
@@ -193,7 +195,7 @@ def cmd_decode(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from codec.api import describe_params
+    from codec.header_params import describe_params
     from codec.bitstream import RecFormatError, read_rec
 
     failed = 0
@@ -213,17 +215,17 @@ def cmd_info(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from codec import api
+    from codec import store
     from codec.rate import QUALITY_LEVELS
 
-    files, default = api.list_models()
+    files, default = store.list_models()
     if not files:
-        where = api.where_searched(api.model_dirs())
+        where = store.where_searched(store.model_dirs())
         raise UsageError(f"no model files {where}; set $REC_MODEL_DIR to a folder of model files")
     failed = 0
     for path in files:
         try:
-            d = {**api.describe_model(path), "default": path == default}
+            d = {**store.describe_model(path), "default": path == default}
         except Exception as e:  # a broken file is named, the others still listed
             failed += 1
             say(f"error: {path}: not a readable model file ({type(e).__name__})", err=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from codec import api
+from codec import api, store as model_store
+from codec.params import PRESETS
 from codec.rate import BPP_TOLERANCE, compress_to_bpp
 from scripts.rd_common import find_images, load_rgb, write_results
 
@@ -29,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--target", type=float, nargs="+", default=[0.15, 0.3, 0.6], metavar="BPP")
     p.add_argument("--model", help="a variable-rate model (default: weights/DEFAULT)")
-    p.add_argument("--coder", default="thesis", choices=api.PRESETS)
+    p.add_argument("--coder", default="thesis", choices=PRESETS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int)
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    store = api.ModelStore()
-    model, ref = store.load(api.find_model(args.model))
+    store = model_store.ModelStore()
+    model, ref = store.load(model_store.find_model(args.model))
     if not model.variable_rate:
         print(f"bench_bpp.py: error: {ref.name} is not a variable-rate model", file=sys.stderr)
         return 2

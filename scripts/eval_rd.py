@@ -51,6 +51,8 @@ import torch
 from tqdm import tqdm
 
 from codec import api
+from codec.params import PRESETS
+from codec.store import ModelNotFoundError, ModelRef, ModelStore, find_model
 from codec.bitstream import write_atomic
 from codec.image import to_tensor, to_uint8
 from codec.params import CoderParams
@@ -106,7 +108,7 @@ def ideal_pass(model: LatentVariableModel, img: np.ndarray, seed: int, device: t
     return out
 
 
-def eval_image(model, ref: api.ModelRef, store: api.ModelStore, img: np.ndarray, rec_path: Path,
+def eval_image(model, ref: ModelRef, store: ModelStore, img: np.ndarray, rec_path: Path,
                args, beta: float | None = None) -> tuple[dict, dict, dict]:
     """Returns (actual metrics, ideal metrics per IDEAL key, mismatch info)."""
     pixels = img.shape[0] * img.shape[1]
@@ -139,8 +141,8 @@ def resolve_models(names: list[str], device: str) -> list[tuple[Path, LatentVari
     found = []
     for name in names:
         try:
-            path = api.find_model(name)
-        except api.ModelNotFoundError as e:
+            path = find_model(name)
+        except ModelNotFoundError as e:
             raise UsageError(str(e)) from None
         try:
             found.append((path, *load_model(path, device)))
@@ -167,7 +169,7 @@ def load_images(data: Path, limit: int | None) -> tuple[dict[str, np.ndarray], i
     return images, len(paths)
 
 
-def rate_points(model: LatentVariableModel, ref: api.ModelRef, args) -> list[tuple[str, float | None]]:
+def rate_points(model: LatentVariableModel, ref: ModelRef, args) -> list[tuple[str, float | None]]:
     """(point name, β on the header's grid, as the decoder sees it) per RD point of a model: one for a
     fixed-β model, one per --quality / --beta for a variable-rate one."""
     if not model.variable_rate:
@@ -186,9 +188,9 @@ def eval_model(path: Path, model: LatentVariableModel, info: dict, images: dict[
                rec_dir: Path, args, point: tuple[str, float | None] | None = None) -> dict:
     """All images through one model (at one β for a variable-rate model): per-image rows for the actual
     and ideal curves."""
-    ref = api.ModelRef.of_file(path)
+    ref = ModelRef.of_file(path)
     name, beta = point or (ref.name, None)
-    store = api.ModelStore(args.device, model_path=path)  # the decoder loads the file again, checks the hash
+    store = ModelStore(args.device, model_path=path)  # the decoder loads the file again, checks the hash
     actual = {k: {} for k in ACTUAL_KEYS}
     ideal = {key: {k: {} for k in ("bpp", *DISTORTION_KEYS)} for key in IDEAL}
     mismatches = []
@@ -304,7 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder of images (searched recursively)")
     p.add_argument("--model", required=True, nargs="+", metavar="M", help="model files, names or hashes")
-    p.add_argument("--coder", default="thesis", choices=api.PRESETS, help="coder preset")
+    p.add_argument("--coder", default="thesis", choices=PRESETS, help="coder preset")
     p.add_argument("--coder-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change preset fields, e.g. level1.steps=20 level2.decay_choices=[] level2.shard_decay=0.85 "
                         "(an empty decay_choices fixes the decay; see codec/params.py)")
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         models = resolve_models(args.model, args.device)
         earlier, earlier_s = earlier_evals(Path(args.add_to), images, args) if args.add_to else ([], 0.0)
         points = [(m, point) for m in models
-                  for point in rate_points(m[1], api.ModelRef.of_file(m[0]), args)]
+                  for point in rate_points(m[1], ModelRef.of_file(m[0]), args)]
         held = {e["name"] for e in earlier}
         for (path, _, _), (name, _) in points:
             if name in held:

@@ -63,7 +63,8 @@ def _alarm(signum, frame):
 
 def run_case(data: bytes, resolve, recrc: bool, timeout_s: float, max_pixels: int) -> str:
     """Decode mutated bytes; returns "ok" or an accepted error name, raises on anything else."""
-    from codec.api import ModelNotFoundError, decompress
+    from codec.api import decompress
+    from codec.store import ModelNotFoundError
     from codec.bitstream import RecFormatError
 
     old = signal.signal(signal.SIGALRM, _alarm)
@@ -88,7 +89,8 @@ def make_corpus(folder: Path) -> tuple[list[bytes], object]:
     """Real .rec files from tiny random models (PLN and VAE, odd sizes) and their resolver."""
     import torch
 
-    from codec.api import ModelStore, compress_image
+    from codec.api import compress_image
+    from codec.store import ModelStore
     from models import ModelConfig, build_model, save_model
 
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from codec import api
+from codec.store import ModelStore
 from codec.bitstream import read_rec
 from scripts.rd_common import load_rgb, psnr, write_results
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_rate_by_level(table, out / "rate_by_level.png")
     if args.image:
         img = load_rgb(Path(args.data) / args.image)
-        store = api.ModelStore()
+        store = ModelStore()
         decoded = []
         for point in args.points:
             rec = recs / point / Path(args.image).with_suffix(".rec")

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from codec import api
-from codec.api import ModelNotFoundError, ModelRef, ModelStore, compress_image, decompress, find_model
+from codec import api, header_params, store as model_store
+from codec.api import compress_image, decompress
+from codec.store import ModelNotFoundError, ModelRef, ModelStore, find_model
 from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
 from codec.image import ImageError, load_image, save_png, to_tensor
-from codec.params import REGISTERED_FORMATS, CoderParams, LevelParams, registered_id
+from codec.params import PRESETS, REGISTERED_FORMATS, CoderParams, LevelParams, registered_id
 from models import ModelConfig, build_model, file_sha256, save_model
 
 # Few candidates per step: fast, and still the real coder end to end.
@@ -80,7 +81,7 @@ def test_preset_coder_roundtrip_and_header(store, models_dir):
     fields = chosen.levels_format_bytes(2)
     assert header.coder == "fast" and len(sections) == 2
     assert header.coder_params == b"R" + bytes([registered_id(fields)])  # every choice has an id
-    assert api.params_from_header(header, 2).levels_format_bytes(2) == fields
+    assert header_params.params_from_header(header, 2).levels_format_bytes(2) == fields
     np.testing.assert_array_equal(decompress(data, store)[0], x_hat)
 
 
@@ -88,10 +89,11 @@ def test_shipped_presets_are_registered_parameter_sets_that_never_change():
     # A file names a shipped preset's decoder fields by a one-byte id; id k must mean entry k forever.
     frozen = json.loads((EXPECTED / "registered_formats.json").read_text())
     assert {str(k): v.hex() for k, v in REGISTERED_FORMATS.items()} == frozen  # appended to both, never edited
-    for name in api.PRESETS:
+    for name in PRESETS:
         for levels in (1, 2):
             fields = CoderParams.preset(name).levels_format_bytes(levels)
-            assert api.params_to_bytes(CoderParams.preset(name), levels) == b"R" + bytes([registered_id(fields)])
+            sent = header_params.params_to_bytes(CoderParams.preset(name), levels)
+            assert sent == b"R" + bytes([registered_id(fields)])
             assert REGISTERED_FORMATS[registered_id(fields)] == fields
 
 
@@ -105,7 +107,7 @@ def test_unknown_registered_parameter_set_is_a_format_error(store, models_dir):
     two_levels = unpack_rec(_rewrap(data, coder_params=b"R\x01"))[0]  # thesis, 2 levels
     with pytest.raises(RecFormatError, match=r"^coder_params: invalid coder parameters \(48 bytes of level "
                                              r"parameters for 1 levels\)$"):
-        api.params_from_header(two_levels, 1)
+        header_params.params_from_header(two_levels, 1)
 
 
 def test_pln_codes_level1_against_the_coded_z2(store, models_dir, monkeypatch):
@@ -158,10 +160,10 @@ def test_custom_params_travel_in_the_header_as_compactly_as_a_preset(store, mode
     data, x_hat, _ = compress_image(model, image(8, 8), model_ref=ref, params=SMALL)
     header, _ = unpack_rec(data)
     assert header.coder == "custom" and header.coder_params == b"P" + SMALL.levels_format_bytes(1)
-    assert api.params_from_header(header, 1).levels_format_bytes(1) == SMALL.levels_format_bytes(1)
+    assert header_params.params_from_header(header, 1).levels_format_bytes(1) == SMALL.levels_format_bytes(1)
     assert np.array_equal(decompress(data, store)[0], x_hat)
     legacy = _rewrap(data, coder_params=b"J" + zlib.compress(SMALL.to_bytes(), 9))  # earlier builds
-    assert api.params_from_header(unpack_rec(legacy)[0], 1) == SMALL
+    assert header_params.params_from_header(unpack_rec(legacy)[0], 1) == SMALL
     assert np.array_equal(decompress(legacy, store)[0], x_hat)
 
 
@@ -177,10 +179,10 @@ def test_files_decode_from_the_params_in_their_header_when_a_preset_changed_or_i
     for coder in ("thesis", "turbo"):  # a retuned preset; a preset of a newer build
         assert np.array_equal(decompress(_rewrap(data, coder=coder), store)[0], x_hat)
     header, _ = unpack_rec(data)
-    fields = api.params_from_header(header, 2).levels_format_bytes(2)
+    fields = header_params.params_from_header(header, 2).levels_format_bytes(2)
     fast_id = registered_id(CoderParams.preset("fast").levels_format_bytes(2))
     as_shipped = unpack_rec(_rewrap(data, coder_params=b"R" + bytes([fast_id])))[0]
-    assert api.params_from_header(as_shipped, 2) == CoderParams.preset("fast")  # full preset when it matches
+    assert header_params.params_from_header(as_shipped, 2) == CoderParams.preset("fast")  # full preset when it matches
     explicit = b"P" + fields  # as a retuned preset is sent
     assert np.array_equal(decompress(_rewrap(data, coder_params=explicit), store)[0], x_hat)
     bad = explicit[:2] + b"\x09" + explicit[3:]  # level 2's sampler id
@@ -260,7 +262,7 @@ def test_find_model_by_path_name_stem_hash_and_default(models_dir, tmp_path):
 
 def test_model_dirs_read_rec_model_dir_first(monkeypatch, tmp_path):
     monkeypatch.setenv("REC_MODEL_DIR", str(tmp_path))
-    assert api.model_dirs() == [tmp_path, api.REPO_WEIGHTS]
+    assert model_store.model_dirs() == [tmp_path, model_store.REPO_WEIGHTS]
 
 
 def test_model_ref_is_the_file_stem_and_sha_prefix(models_dir):

@@ -11,10 +11,11 @@ from PIL import Image
 
 import compress
 from scripts.rd_common import psnr
-from codec import api
-from codec.api import ModelStore, compress_image
+from codec import store as model_store
+from codec.api import compress_image
+from codec.store import ModelStore
 from codec.bitstream import FORMAT_VERSION, unpack_rec
-from codec.params import CoderParams, LevelParams
+from codec.params import PRESETS, CoderParams, LevelParams
 from models import ModelConfig, build_model, save_model
 
 
@@ -41,11 +42,11 @@ SMALL = CoderParams(level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0),
 def isolated(weights, monkeypatch, request):
     """Models come from the test folder only (a repo weights/ folder must not leak in); small presets."""
     monkeypatch.setenv("REC_MODEL_DIR", str(weights))
-    monkeypatch.setattr(api, "REPO_WEIGHTS", weights / "no-such-folder")
+    monkeypatch.setattr(model_store, "REPO_WEIGHTS", weights / "no-such-folder")
     if "real_presets" not in request.fixturenames:
         real = CoderParams.preset.__func__
         monkeypatch.setattr(CoderParams, "preset", classmethod(
-            lambda cls, name: SMALL if name in api.PRESETS else real(cls, name)))
+            lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
 
 
 def rgb(h, w, seed=0):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from codec import api
-from codec.params import CoderParams, LevelParams
+from codec import api, store as model_store
+from codec.params import PRESETS, CoderParams, LevelParams
+from codec.store import ModelStore
 from models import ModelConfig, build_model, load_model, save_model
 from scripts import eval_rd
 from scripts.rd_common import RESULT_KEYS, curves_of, load_rgb, read_results
@@ -50,10 +51,10 @@ def isolated(weights, monkeypatch):
 def isolate(monkeypatch, weights):
     """Models come from the test folder only; the presets are replaced by SMALL."""
     monkeypatch.setenv("REC_MODEL_DIR", str(weights))
-    monkeypatch.setattr(api, "REPO_WEIGHTS", weights / "no-such-folder")
+    monkeypatch.setattr(model_store, "REPO_WEIGHTS", weights / "no-such-folder")
     real = CoderParams.preset.__func__
     monkeypatch.setattr(CoderParams, "preset", classmethod(
-        lambda cls, name: SMALL if name in api.PRESETS else real(cls, name)))
+        lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
 
 
 def run(capsys, *argv):
@@ -127,7 +128,7 @@ def test_bpp_is_the_size_of_the_rec_files_written(evaluated):
 def test_metrics_are_those_of_the_decoded_file(evaluated, data, weights, tmp_path):
     _, doc, tmp = evaluated
     m = doc["meta"]["models"][0]
-    x_hat, _ = api.decompress((tmp / "recs" / m["name"] / "a.rec").read_bytes(), api.ModelStore())
+    x_hat, _ = api.decompress((tmp / "recs" / m["name"] / "a.rec").read_bytes(), ModelStore())
     psnr = eval_rd.image_metrics(load_rgb(data / "a.png"), x_hat)["psnr-rgb"]
     assert doc["per_image"]["a.png"]["psnr-rgb"][0] == pytest.approx(psnr)
 

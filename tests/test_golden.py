@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from codec import CoderParams, decode_level, encode_level
-from codec.api import ModelRef, ModelStore, compress_image, decompress
+from codec.api import compress_image, decompress
+from codec.store import ModelRef, ModelStore
 from codec.image import load_rgb, save_png
 from models import ModelConfig, build_model, save_model
 

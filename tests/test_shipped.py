@@ -7,17 +7,17 @@ import re
 import numpy as np
 import pytest
 
-from codec import api
-from codec.api import ModelRef, ModelStore, compress_image, decompress
+from codec.api import compress_image, decompress
+from codec.store import REPO_WEIGHTS, ModelRef, ModelStore
 from codec.rate import DEFAULT_QUALITY, quality_beta
 from models import file_sha256, load_model
 
-SHIPPED = sorted(api.REPO_WEIGHTS.glob("*.pt"))
+SHIPPED = sorted(REPO_WEIGHTS.glob("*.pt"))
 
 
 def test_the_default_names_a_shipped_model():
-    name = (api.REPO_WEIGHTS / "DEFAULT").read_text().strip()
-    assert (api.REPO_WEIGHTS / name) in SHIPPED
+    name = (REPO_WEIGHTS / "DEFAULT").read_text().strip()
+    assert (REPO_WEIGHTS / name) in SHIPPED
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -38,5 +38,5 @@ def test_a_shipped_model_round_trips_a_small_image(path):
     beta = quality_beta(DEFAULT_QUALITY, model.beta_range) if model.variable_rate else None
     data, x_hat, _ = compress_image(model, image.astype(np.uint8), model_ref=ModelRef.of_file(path), params="fast",
                                     beta=beta)
-    decoded, _ = decompress(data, ModelStore(dirs=[api.REPO_WEIGHTS]))
+    decoded, _ = decompress(data, ModelStore(dirs=[REPO_WEIGHTS]))
     assert np.array_equal(decoded, x_hat)

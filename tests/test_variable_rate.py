@@ -11,10 +11,11 @@ from PIL import Image
 
 import compress
 import train
-from codec import api
-from codec.api import ModelStore, compress_image, decompress
+from codec import store as model_store
+from codec.api import compress_image, decompress
+from codec.store import ModelStore
 from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_code, pack_rec, unpack_rec
-from codec.params import CoderParams, LevelParams
+from codec.params import PRESETS, CoderParams, LevelParams
 from codec.rate import QUALITY_LEVELS, quality_beta
 from models import ModelConfig, build_model, load_model, save_model
 from training import start
@@ -197,10 +198,10 @@ def test_a_file_and_a_model_that_disagree_on_beta_are_a_format_error(vbr_dir):
 def cli(vbr_dir, monkeypatch, tmp_path, capsys):
     folder, vbr, fixed = vbr_dir
     monkeypatch.setenv("REC_MODEL_DIR", str(folder))
-    monkeypatch.setattr(api, "REPO_WEIGHTS", folder / "no-such-folder")
+    monkeypatch.setattr(model_store, "REPO_WEIGHTS", folder / "no-such-folder")
     real = CoderParams.preset.__func__
     monkeypatch.setattr(CoderParams, "preset", classmethod(
-        lambda cls, name: SMALL if name in api.PRESETS else real(cls, name)))
+        lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
     src = tmp_path / "a.png"
     Image.fromarray(photo(160, 224)).save(src)
 
@@ -318,10 +319,10 @@ def test_eval_rd_gives_one_point_per_quality_of_a_variable_rate_model(vbr_dir, t
     from scripts import eval_rd
 
     folder, vbr, _ = vbr_dir
-    monkeypatch.setattr(api, "REPO_WEIGHTS", folder / "no-such-folder")
+    monkeypatch.setattr(model_store, "REPO_WEIGHTS", folder / "no-such-folder")
     real = CoderParams.preset.__func__
     monkeypatch.setattr(CoderParams, "preset", classmethod(
-        lambda cls, name: SMALL if name in api.PRESETS else real(cls, name)))
+        lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
     (tmp_path / "data").mkdir()
     Image.fromarray(photo(64, 96)).save(tmp_path / "data" / "a.png")
     code = eval_rd.main([f"--data={tmp_path / 'data'}", "--model", str(vbr), "--quality", "1", "8",

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from codec.api import ModelStore, compress_image
+from codec.api import compress_image
+from codec.store import ModelStore
 from models import ModelConfig, build_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
