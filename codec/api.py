@@ -133,19 +133,22 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
     beta, beta_code = coding_beta(model, beta, quality)
     model = model.to(device).eval()
     feats = model.bottom_up(model.pad(x), beta)
-    z, sections, levels = None, [], []
-    for level in range(model.num_levels, 0, -1):
-        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)), beta)
+    sections, levels = [], []
+
+    def code(level: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
+        nonlocal params
         q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
-        # z is the CODED sample: the next level's prior and posterior are computed from it
+        # the CODED sample: the next level's prior and posterior are computed from it
         z, data, stats = encode_level(q_loc, q_scale, p_loc, p_scale, seed=seed, level=level,
                                       params=params, return_stats=True, choose_decay=True)
         if stats["shard_decay"] is not None:  # the header carries the decay each level was coded with
             params = params.with_level(level, shard_decay=stats["shard_decay"])
         sections.append(data)
         levels.append(stats)
-        del q_loc, q_scale
-    del feats
+        return z
+
+    z = model.top_down(height, width, code, beta)
+    feats = None  # freed before the synthesis, the peak of memory
     x_hat = to_uint8(model.synthesize(z, beta)[..., :height, :width])
     header = RecHeader(model_ref.name, model_ref.sha256, height, width, seed, coder,
                        params_to_bytes(params, model.num_levels), beta_code=beta_code)
@@ -181,13 +184,16 @@ def decompress(data: bytes, resolve: Resolver, device: str | torch.device = "cpu
         raise RecFormatError("n_sections", f"{len(sections)} sections, but the model has {model.num_levels} levels")
     params = params_from_header(header, model.num_levels)
     beta = _header_beta(header, model)
-    height, width, z = header.height, header.width, None
-    for i, level in enumerate(range(model.num_levels, 0, -1)):
-        p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)), beta)
+    height, width = header.height, header.width
+
+    def decode(level: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
+        i = model.num_levels - level  # sections run from the top level down
         try:
-            z = decode_level(p_loc, p_scale, sections[i], seed=header.seed, level=level, params=params)
+            return decode_level(p_loc, p_scale, sections[i], seed=header.seed, level=level, params=params)
         except RecDecodeError as e:
             raise RecFormatError(f"section {i + 1} (level {level})", str(e)) from None
+
+    z = model.top_down(height, width, decode, beta)
     return to_uint8(model.synthesize(z, beta)[..., :height, :width]), header
 
 

@@ -136,16 +136,26 @@ class LatentVariableModel(nn.Module):
               ) -> tuple[Tensor, dict[int, Tensor]]:
         """The encoder's top-down walk without synthesis: (z1, {level: KL per dimension in nats}), each
         level's z a reparameterised posterior sample (or its mean with sample=False)."""
-        height, width = x.shape[-2:]
         feats = self.bottom_up(self.pad(x), beta)
-        z_above, kl = None, {}
-        for level in range(self.num_levels, 0, -1):
-            shape = (x.shape[0], *self.latent_shape(level, height, width))
-            p_loc, p_scale = self.prior(level, z_above, shape, beta)
+        kl = {}
+
+        def draw(level: int, p_loc: Tensor, p_scale: Tensor) -> Tensor:
             q_loc, q_scale = self.posterior(level, feats, p_loc, p_scale)
             kl[level] = gaussian_kl(q_loc, q_scale, p_loc, p_scale)
-            z_above = sample_gaussian(q_loc, q_scale) if sample else q_loc
-        return z_above, kl
+            return sample_gaussian(q_loc, q_scale) if sample else q_loc
+
+        return self.top_down(*x.shape[-2:], draw, beta, batch=x.shape[0]), kl
+
+    def top_down(self, height: int, width: int, draw, beta: float | Tensor | None = None,
+                 batch: int = 1) -> Tensor:
+        """Walk the levels from the top: each level's prior p(z_l | z_above) from the z drawn above
+        it, then z_l = draw(level, p_loc, p_scale). Returns z1. Every top-down pass (training,
+        the encoder, the decoder, the coder-free evaluation) is this walk with its own `draw`."""
+        z = None
+        for level in range(self.num_levels, 0, -1):
+            p_loc, p_scale = self.prior(level, z, (batch, *self.latent_shape(level, height, width)), beta)
+            z = draw(level, p_loc, p_scale)
+        return z
 
 
 def elbo_loss(model: LatentVariableModel, x: Tensor, out: dict, beta: float | Tensor, kl_weight: float) -> dict:

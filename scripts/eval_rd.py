@@ -94,17 +94,18 @@ def ideal_pass(model: LatentVariableModel, img: np.ndarray, seed: int, device: t
     gen = torch.Generator(device).manual_seed(seed)
     out = {}
     for mode in ("sample", "mean"):
-        z, kl = None, 0.0
-        for level in range(model.num_levels, 0, -1):
-            p_loc, p_scale = model.prior(level, z, (1, *model.latent_shape(level, height, width)), beta)
+        kl = []
+
+        def draw(level: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
             q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
-            kl += float(gaussian_kl(q_loc, q_scale, p_loc, p_scale).double().sum())
+            kl.append(float(gaussian_kl(q_loc, q_scale, p_loc, p_scale).double().sum()))
             if mode == "sample":
-                z = q_loc + q_scale * torch.randn(q_loc.shape, generator=gen, device=device)
-            else:
-                z = q_loc
+                return q_loc + q_scale * torch.randn(q_loc.shape, generator=gen, device=device)
+            return q_loc
+
+        z = model.top_down(height, width, draw, beta)
         out[mode] = to_uint8(model.synthesize(z, beta)[..., :height, :width])
-        out[f"kl_{mode}"] = kl
+        out[f"kl_{mode}"] = sum(kl)
     return out
 
 
