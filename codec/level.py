@@ -145,7 +145,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise RecDecodeError("malformed varint in header")
 
 
-def _check_size(n: int) -> None:
+def _check_dims(n: int) -> None:
     if n >= 1 << rng.GROUP_BITS:
         raise ValueError(f"a level holds at most 2^{rng.GROUP_BITS} dims, got {n}")
 
@@ -187,7 +187,7 @@ def _plan(q_loc, q_scale, p_loc, p_scale, lp: LevelParams) -> _Plan:
     m, v = standardise(q_loc, q_scale, p_loc, p_scale)
     kl = kl_nats(m, v)
     kl_bits = (kl / math.log(2)).cpu().numpy()
-    _check_size(m.numel())
+    _check_dims(m.numel())
     device = m.device
     out_np = kl_bits > lp.outlier_bits
     if lp.outlier_min_ratio > 0:  # greedy: shards of variance 1/S cannot resolve these
@@ -387,7 +387,7 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int,
     n_out, pos = _read_varint(body, pos)
     n_rans, pos = _read_varint(body, pos)
     n = p_loc.numel()
-    _check_size(n)
+    _check_dims(n)
     n_groups = n_seg - n_zero
     if n_out > n or n_seg > n - n_out or n_zero > n_seg or (n_seg == 0) != (n_out == n):
         raise RecDecodeError(f"level {level}: {n_seg} segments / {n_out} outliers for {n} dims")

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from training.data import DataError, list_images, load_rgb
+from training.data import DataError, list_images, read_training_image
 
 
 def patches_of(img: np.ndarray, crop: int, coef: int, rng: np.random.Generator,
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     written = skipped = 0
     for path in tqdm(files, desc="images", file=sys.stderr):
         try:
-            img = load_rgb(path)
+            img = read_training_image(path)
         except DataError as e:
             print(f"extract_patches: skipping {path}: {e}", file=sys.stderr)
             skipped += 1

@@ -32,7 +32,7 @@ def list_images(folders: str | Path) -> list[Path]:
     return files
 
 
-def load_rgb(path: Path) -> np.ndarray:
+def read_training_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 through the codec's loader (any mode converted to 8-bit RGB)."""
     try:
         return load_image(path)[0]
@@ -63,7 +63,7 @@ class RandomCrops:
     def image(self, index: int) -> np.ndarray:
         if index in self._cache:
             return self._cache[index]
-        img = load_rgb(self.files[index])
+        img = read_training_image(self.files[index])
         if self.cache:
             self._cache[index] = img
         return img
@@ -87,5 +87,5 @@ class RandomCrops:
 
 def full_images(folder: str | Path, limit: int) -> list[torch.Tensor]:
     """Up to `limit` whole images as (1, 3, H, W) float tensors, for validation."""
-    return [torch.from_numpy(load_rgb(p).copy()).permute(2, 0, 1)[None].float() / 255.0
+    return [torch.from_numpy(read_training_image(p).copy()).permute(2, 0, 1)[None].float() / 255.0
             for p in list_images(folder)[:limit]]
