@@ -13,6 +13,23 @@ from codec.params import PRESETS, CoderParams, LevelParams
 from codec.rng import RNG_VERSION
 from codec.store import ModelNotFoundError, ModelRef, ModelStore, find_model, list_models
 
-__all__ = ["CoderParams", "ImageTooLargeError", "LevelParams", "ModelNotFoundError", "ModelRef", "ModelStore",
-           "PRESETS", "RNG_VERSION", "RecDecodeError", "RecFormatError", "RecHeader", "coding_beta",
-           "compress_image", "decode_level", "decompress", "encode_level", "find_model", "list_models"]
+__all__ = [
+    "CoderParams",
+    "ImageTooLargeError",
+    "LevelParams",
+    "ModelNotFoundError",
+    "ModelRef",
+    "ModelStore",
+    "PRESETS",
+    "RNG_VERSION",
+    "RecDecodeError",
+    "RecFormatError",
+    "RecHeader",
+    "coding_beta",
+    "compress_image",
+    "decode_level",
+    "decompress",
+    "encode_level",
+    "find_model",
+    "list_models",
+]

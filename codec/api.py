@@ -49,8 +49,10 @@ def _coder(params: CoderParams | str) -> tuple[str, CoderParams]:
 
 def _check_size(height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
-        raise ImageTooLargeError(f"image is {width}x{height} = {height * width} pixels, above the "
-                                 f"limit of {max_pixels} (images are coded whole)")
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {height * width} pixels, above the "
+            f"limit of {max_pixels} (images are coded whole)"
+        )
 
 
 def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -65,8 +67,9 @@ def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
-def coding_beta(model: LatentVariableModel, beta: float | None = None,
-                quality: int | None = None) -> tuple[float | None, int | None]:
+def coding_beta(
+    model: LatentVariableModel, beta: float | None = None, quality: int | None = None
+) -> tuple[float | None, int | None]:
     """(β the networks run at, its header code) for a file; (None, None) for a fixed-β model.
 
     A variable-rate model codes at `beta`, else at the β of `quality` (default DEFAULT_QUALITY). The β is
@@ -79,8 +82,9 @@ def coding_beta(model: LatentVariableModel, beta: float | None = None,
         if quality is not None:
             raise ValueError("this model was trained at a single β: quality levels need a variable-rate model")
         if beta is not None:
-            raise ValueError("this model was trained at a single β: β, quality and bpp targets need a "
-                             "variable-rate model")
+            raise ValueError(
+                "this model was trained at a single β: β, quality and bpp targets need a variable-rate model"
+            )
         return None, None
     lo, hi = model.beta_range
     if beta is None:
@@ -98,10 +102,18 @@ def _deterministic(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor, *, model_ref: ModelRef,
-                   seed: int = 0, params: CoderParams | str = "thesis", device: str | torch.device = "cpu",
-                   max_pixels: int = MAX_PIXELS, beta: float | None = None,
-                   quality: int | None = None) -> tuple[bytes, np.ndarray, dict]:
+def compress_image(
+    model: LatentVariableModel,
+    image: np.ndarray | torch.Tensor,
+    *,
+    model_ref: ModelRef,
+    seed: int = 0,
+    params: CoderParams | str = "thesis",
+    device: str | torch.device = "cpu",
+    max_pixels: int = MAX_PIXELS,
+    beta: float | None = None,
+    quality: int | None = None,
+) -> tuple[bytes, np.ndarray, dict]:
     """Compress one image into .rec bytes.
 
     Args:
@@ -139,8 +151,9 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
         nonlocal params
         q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
         # the CODED sample: the next level's prior and posterior are computed from it
-        z, data, stats = encode_level(q_loc, q_scale, p_loc, p_scale, seed=seed, level=level,
-                                      params=params, return_stats=True, choose_decay=True)
+        z, data, stats = encode_level(
+            q_loc, q_scale, p_loc, p_scale, seed=seed, level=level, params=params, return_stats=True, choose_decay=True
+        )
         if stats["shard_decay"] is not None:  # the header carries the decay each level was coded with
             params = params.with_level(level, shard_decay=stats["shard_decay"])
         sections.append(data)
@@ -150,13 +163,29 @@ def compress_image(model: LatentVariableModel, image: np.ndarray | torch.Tensor,
     z = model.top_down(height, width, code, beta)
     feats = None  # freed before the synthesis, the peak of memory
     x_hat = to_uint8(model.synthesize(z, beta)[..., :height, :width])
-    header = RecHeader(model_ref.name, model_ref.sha256, height, width, seed, coder,
-                       params_to_bytes(params, model.num_levels), beta_code=beta_code)
+    header = RecHeader(
+        model_ref.name,
+        model_ref.sha256,
+        height,
+        width,
+        seed,
+        coder,
+        params_to_bytes(params, model.num_levels),
+        beta_code=beta_code,
+    )
     data = pack_rec(header, sections)
     kl_bits = sum(s["kl_bits"] for s in levels)
-    stats = {"height": height, "width": width, "bytes": len(data), "bpp": 8 * len(data) / (height * width),
-             "kl_bits": kl_bits, "kl_bpp": kl_bits / (height * width), "levels": levels, "beta": beta,
-             "seconds": time.perf_counter() - t0}
+    stats = {
+        "height": height,
+        "width": width,
+        "bytes": len(data),
+        "bpp": 8 * len(data) / (height * width),
+        "kl_bits": kl_bits,
+        "kl_bpp": kl_bits / (height * width),
+        "levels": levels,
+        "beta": beta,
+        "seconds": time.perf_counter() - t0,
+    }
     return data, x_hat, stats
 
 
@@ -164,8 +193,9 @@ Resolver = Callable[[RecHeader], LatentVariableModel]
 
 
 @torch.inference_mode()
-def decompress(data: bytes, resolve: Resolver, device: str | torch.device = "cpu",
-               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, RecHeader]:
+def decompress(
+    data: bytes, resolve: Resolver, device: str | torch.device = "cpu", max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, RecHeader]:
     """Decode .rec bytes into the (H, W, 3) uint8 image the encoder returned.
 
     Args:

@@ -95,8 +95,11 @@ class RecHeader:
     def validate(self) -> None:
         """Raise RecFormatError unless every field is within the format's limits."""
         if self.rng_version not in SUPPORTED_RNG_VERSIONS:
-            raise RecFormatError("rng_version", f"RNG version {self.rng_version} is not supported "
-                                 f"(this build has {', '.join(map(str, SUPPORTED_RNG_VERSIONS))})")
+            raise RecFormatError(
+                "rng_version",
+                f"RNG version {self.rng_version} is not supported "
+                f"(this build has {', '.join(map(str, SUPPORTED_RNG_VERSIONS))})",
+            )
         if not isinstance(self.model_hash, bytes) or len(self.model_hash) != 8:
             raise RecFormatError("model_hash", "must be 8 bytes (SHA-256 prefix)")
         for name, side in (("height", self.height), ("width", self.width)):
@@ -114,10 +117,18 @@ class RecHeader:
 
     def to_dict(self) -> dict:
         """Plain-JSON view for `rec-codec info`."""
-        return {"format_version": self.format_version, "rng_version": self.rng_version,
-                "model_name": self.model_name, "model_hash": self.model_hash.hex(),
-                "height": self.height, "width": self.width, "seed": self.seed, "coder": self.coder,
-                "coder_params": self.coder_params.hex(), "beta": self.beta}
+        return {
+            "format_version": self.format_version,
+            "rng_version": self.rng_version,
+            "model_name": self.model_name,
+            "model_hash": self.model_hash.hex(),
+            "height": self.height,
+            "width": self.width,
+            "seed": self.seed,
+            "coder": self.coder,
+            "coder_params": self.coder_params.hex(),
+            "beta": self.beta,
+        }
 
 
 def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
@@ -125,8 +136,17 @@ def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
     header.validate()
     if not 1 <= len(sections) <= MAX_SECTIONS:
         raise RecFormatError("n_sections", f"{len(sections)} is outside [1, {MAX_SECTIONS}]")
-    out = bytearray(_FIXED.pack(MAGIC, header.format_version, header.rng_version, header.model_hash,
-                                header.height, header.width, header.seed))
+    out = bytearray(
+        _FIXED.pack(
+            MAGIC,
+            header.format_version,
+            header.rng_version,
+            header.model_hash,
+            header.height,
+            header.width,
+            header.seed,
+        )
+    )
     for text in (header.model_name, header.coder):
         out += struct.pack(">B", len(text)) + text.encode("ascii")
     out += struct.pack(">H", len(header.coder_params)) + header.coder_params
@@ -193,11 +213,13 @@ def unpack_rec(data: bytes) -> tuple[RecHeader, list[bytes]]:
     if len(data) > MAX_FILE_BYTES:
         raise RecFormatError("file", f"{len(data)} bytes is above the limit of {MAX_FILE_BYTES}")
     if data[:4] != MAGIC:
-        raise RecFormatError("magic", f"truncated: {len(data)} bytes" if MAGIC.startswith(data)
-                             else "not a .rec file")
+        raise RecFormatError("magic", f"truncated: {len(data)} bytes" if MAGIC.startswith(data) else "not a .rec file")
     if len(data) >= 5 and data[4] not in READABLE_VERSIONS:
-        raise RecFormatError("format_version", f".rec format version {data[4]} is not supported "
-                             f"(this build reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+        raise RecFormatError(
+            "format_version",
+            f".rec format version {data[4]} is not supported "
+            f"(this build reads versions {', '.join(map(str, READABLE_VERSIONS))})",
+        )
     if len(data) < _MIN_SIZE:
         raise RecFormatError("file", f"truncated: {len(data)} bytes, a .rec file has at least {_MIN_SIZE}")
     (crc,) = struct.unpack(">I", data[-4:])
@@ -205,8 +227,9 @@ def unpack_rec(data: bytes) -> tuple[RecHeader, list[bytes]]:
         try:  # a structural error (usually truncation) says more than a bare CRC mismatch
             _parse(data)
         except RecFormatError as e:
-            raise RecFormatError(e.field, f"{e.args[0].split(': ', 1)[1]} (CRC mismatch: corrupted "
-                                 "or truncated file)") from None
+            raise RecFormatError(
+                e.field, f"{e.args[0].split(': ', 1)[1]} (CRC mismatch: corrupted or truncated file)"
+            ) from None
         raise RecFormatError("crc", "checksum mismatch: the file is corrupted")
     header, sections = _parse(data)
     header.validate()

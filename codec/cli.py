@@ -77,20 +77,36 @@ def build_parser(prog: str = "rec-codec") -> argparse.ArgumentParser:
     enc.add_argument("--seed", type=_seed, default=0, help="seed of the shared randomness (default: 0)")
     enc.add_argument("--max-pixels", type=_positive, default=None, help="refuse larger images (default 12e6)")
     rate = enc.add_mutually_exclusive_group()
-    rate.add_argument("--quality", type=_quality, metavar="N",
-                      help="variable-rate models: quality 1 (smallest files) to 8 (default 4)")
-    rate.add_argument("--beta", type=_positive_float, metavar="B",
-                      help="variable-rate models: the rate-distortion β (larger = smaller files)")
-    rate.add_argument("--bpp", type=_positive_float, metavar="X",
-                      help="variable-rate models: the β whose file is nearest X bits per pixel (within 3 %%)")
+    rate.add_argument(
+        "--quality",
+        type=_quality,
+        metavar="N",
+        help="variable-rate models: quality 1 (smallest files) to 8 (default 4)",
+    )
+    rate.add_argument(
+        "--beta",
+        type=_positive_float,
+        metavar="B",
+        help="variable-rate models: the rate-distortion β (larger = smaller files)",
+    )
+    rate.add_argument(
+        "--bpp",
+        type=_positive_float,
+        metavar="X",
+        help="variable-rate models: the β whose file is nearest X bits per pixel (within 3 %%)",
+    )
     dec = sub.add_parser("decode", help=".rec -> PNG")
     dec.add_argument("inputs", nargs="+", metavar="IN.rec", help=".rec files or folders")
     dec.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
     dec.add_argument("--model", metavar="PATH", help="model file to use (its hash must match the header)")
     for s in (enc, dec):
         s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-        s.add_argument("--threads", type=_positive, default=None,
-                       help="CPU threads (default: torch's); 1 is often faster on a busy machine")
+        s.add_argument(
+            "--threads",
+            type=_positive,
+            default=None,
+            help="CPU threads (default: torch's); 1 is often faster on a busy machine",
+        )
         s.add_argument("--force", action="store_true", help="overwrite existing outputs")
         s.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
     models = sub.add_parser("models", help="list the model files found ($REC_MODEL_DIR, a checkout's weights/)")
@@ -124,8 +140,16 @@ def cmd_encode(args) -> int:
             say(f"note: {src}: {note}", err=True)
 
         def compress(b):
-            return api.compress_image(model, x, model_ref=ref, seed=args.seed, params=args.coder,
-                                      device=args.device, max_pixels=max_pixels, beta=b)
+            return api.compress_image(
+                model,
+                x,
+                model_ref=ref,
+                seed=args.seed,
+                params=args.coder,
+                device=args.device,
+                max_pixels=max_pixels,
+                beta=b,
+            )
 
         if args.bpp is None:
             data, x_hat, stats = compress(beta)
@@ -134,13 +158,25 @@ def cmd_encode(args) -> int:
             data, x_hat, stats = compress_to_bpp(compress, model.to(args.device), image, args.bpp)
             miss = stats["bpp"] / args.bpp - 1
             if abs(miss) > BPP_TOLERANCE:
-                say(f"note: {src}: {stats['bpp']:.4f} bpp is {100 * miss:+.1f} % from the target {args.bpp:g} "
-                     f"(the closest of {stats['attempts']} tries, at β = {stats['beta']:.4g}; this model's range "
-                     f"is β = {model.beta_range[0]:g} to {model.beta_range[1]:g})", err=True)
+                say(
+                    f"note: {src}: {stats['bpp']:.4f} bpp is {100 * miss:+.1f} % from the target {args.bpp:g} "
+                    f"(the closest of {stats['attempts']} tries, at β = {stats['beta']:.4g}; this model's range "
+                    f"is β = {model.beta_range[0]:g} to {model.beta_range[1]:g})",
+                    err=True,
+                )
         write_atomic(dst, data)
-        rec = {"height": stats["height"], "width": stats["width"], "bytes": len(data), "bpp": stats["bpp"],
-               "kl_bpp": stats["kl_bpp"], "psnr": psnr(x, x_hat), "model": ref.name, "coder": args.coder,
-               "seed": args.seed, "notes": notes}
+        rec = {
+            "height": stats["height"],
+            "width": stats["width"],
+            "bytes": len(data),
+            "bpp": stats["bpp"],
+            "kl_bpp": stats["kl_bpp"],
+            "psnr": psnr(x, x_hat),
+            "model": ref.name,
+            "coder": args.coder,
+            "seed": args.seed,
+            "notes": notes,
+        }
         if stats["beta"] is not None:
             rec.update(beta=stats["beta"], quality=args.quality, target_bpp=args.bpp)
         return rec
@@ -154,12 +190,15 @@ def _rate_setting(args, model, name: str) -> float | None:
     from codec.api import coding_beta
     from codec.rate import DEFAULT_QUALITY
 
-    asked = next((f"--{k} {getattr(args, k):g}" for k in ("quality", "beta", "bpp") if getattr(args, k) is not None),
-                 None)
+    asked = next(
+        (f"--{k} {getattr(args, k):g}" for k in ("quality", "beta", "bpp") if getattr(args, k) is not None), None
+    )
     if not model.variable_rate:
         if asked:
-            raise UsageError(f"{asked}: model {name} was trained at a single β; choose a variable-rate model "
-                             f"({args.prog} models lists each model's rate range)")
+            raise UsageError(
+                f"{asked}: model {name} was trained at a single β; choose a variable-rate model "
+                f"({args.prog} models lists each model's rate range)"
+            )
         return None
     if args.bpp is not None:
         return None
@@ -188,8 +227,13 @@ def cmd_decode(args) -> int:
             raise RecFormatError("file", f"{size} bytes is above the limit of {MAX_FILE_BYTES}")
         x_hat, header = api.decompress(src.read_bytes(), store, device=args.device)
         save_png(x_hat, dst)
-        return {"height": header.height, "width": header.width, "bytes": size,
-                "bpp": 8 * size / (header.height * header.width), "model": header.model_name}
+        return {
+            "height": header.height,
+            "width": header.width,
+            "bytes": size,
+            "bpp": 8 * size / (header.height * header.width),
+            "model": header.model_name,
+        }
 
     return run_jobs(jobs, args, work)
 
@@ -207,9 +251,14 @@ def cmd_info(args) -> int:
             say(f"error: {arg}: {describe_error(e)}", err=True)
             continue
         size = os.path.getsize(arg)
-        d = {"file": arg, "bytes": size, "bpp": 8 * size / (header.height * header.width), **header.to_dict(),
-             "coder_params": describe_params(header, len(sections)),
-             "sections": [{"level": len(sections) - i, "bytes": len(s)} for i, s in enumerate(sections)]}
+        d = {
+            "file": arg,
+            "bytes": size,
+            "bpp": 8 * size / (header.height * header.width),
+            **header.to_dict(),
+            "coder_params": describe_params(header, len(sections)),
+            "sections": [{"level": len(sections) - i, "bytes": len(s)} for i, s in enumerate(sections)],
+        }
         print(json.dumps(d) if args.json else json.dumps(d, indent=2))
     return 1 if failed else 0
 
@@ -243,12 +292,16 @@ def cmd_models(args) -> int:
                 beta += f", about {ends[0]:.2f}–{ends[1]:.2f} bpp (KL on its validation images)"
         trained = "no training record"
         if d["steps"]:
-            trained = (f"{d['steps']} steps{' from ' + d['init_from'] if d['init_from'] else ''}, "
-                       f"{d['minutes']} min on {d['hardware'] or 'unrecorded hardware'}")
+            trained = (
+                f"{d['steps']} steps{' from ' + d['init_from'] if d['init_from'] else ''}, "
+                f"{d['minutes']} min on {d['hardware'] or 'unrecorded hardware'}"
+            )
             if d["train_kl_bpp"] is not None and d["train_psnr"] is not None:
                 trained += f"; on training crops {d['train_kl_bpp']:.3f} bpp, {d['train_psnr']:.1f} dB"
-        print(f"{d['name']}{' (default)' if d['default'] else ''}: {d['arch']} N={d['channels']}, "
-              f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}; {trained}")
+        print(
+            f"{d['name']}{' (default)' if d['default'] else ''}: {d['arch']} N={d['channels']}, "
+            f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}; {trained}"
+        )
     return 1 if failed else 0
 
 
@@ -283,8 +336,11 @@ def main(argv: list[str] | None = None, prog: str = "rec-codec") -> int:
     except Exception as e:  # never a traceback for the user; REC_DEBUG=1 shows it
         if os.environ.get("REC_DEBUG"):
             raise
-        print(f"{prog}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(rerun with REC_DEBUG=1 for details)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(rerun with REC_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
         return 1
 
 

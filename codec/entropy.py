@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 
+
 @functools.cache
 def _compressai():
     """Imported on first use: `import codec` stays light, and compressai's import-time
@@ -157,8 +158,13 @@ def _table_cost(sym: np.ndarray, codes: np.ndarray, alphabet: int) -> float:
     counts = np.bincount(sym, minlength=alphabet)
     p = counts[counts > 0] / sym.size
     top = int(np.flatnonzero(codes).max()) + 1
-    return (bit_length(alphabet - 1) + top + COUNT_BITS * int((codes > 0).sum())
-            - float((counts[counts > 0] * np.log2(p)).sum()) + 16)
+    return (
+        bit_length(alphabet - 1)
+        + top
+        + COUNT_BITS * int((codes > 0).sum())
+        - float((counts[counts > 0] * np.log2(p)).sum())
+        + 16
+    )
 
 
 def encode_fields(fields: list[tuple[np.ndarray, int]], bits: BitWriter) -> bytes:
@@ -184,9 +190,7 @@ def encode_fields(fields: list[tuple[np.ndarray, int]], bits: BitWriter) -> byte
     if not symbols:
         return b""
     _pad_single(symbols, indexes, cdfs)
-    return _compressai()[1]().encode_with_indexes(
-        symbols, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)
-    )
+    return _compressai()[1]().encode_with_indexes(symbols, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs))
 
 
 def decode_fields(data: bytes, sizes: list[tuple[int, int]], bits: BitReader) -> list[np.ndarray]:
@@ -208,9 +212,7 @@ def decode_fields(data: bytes, sizes: list[tuple[int, int]], bits: BitReader) ->
         # Zero padding: a corrupted stream must not make the C++ decoder read past the buffer.
         padded = data + bytes(64 + 8 * len(indexes))
         out = np.asarray(
-            _compressai()[2]().decode_with_indexes(
-                padded, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)
-            ),
+            _compressai()[2]().decode_with_indexes(padded, indexes, cdfs, [len(c) for c in cdfs], [0] * len(cdfs)),
             dtype=np.int64,
         )
     elif data:

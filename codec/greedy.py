@@ -130,8 +130,9 @@ def encode(
             scores = pool.group_scores(feats, lay, scr, ab, groups)
             if sample:  # pick a shard with probability proportional to its weight (Gumbel-max)
                 keys = torch.arange(groups.start, groups.stop, device=device) * steps + step
-                scores = scores.double() + rng.gumbel(seed, level, keys[None, :],
-                                                      torch.arange(k, device=device)[:, None])
+                scores = scores.double() + rng.gumbel(
+                    seed, level, keys[None, :], torch.arange(k, device=device)[:, None]
+                )
             indices[groups, step] = scores.argmax(0)
         indices[:, step].masked_fill_(group_steps <= step, 0)  # a mask index would sync
         rows = pool.dim_rows(indices[lay.dim_group, step], scr, k)
@@ -142,8 +143,17 @@ def encode(
 
 @torch.no_grad()
 def decode(
-    indices: torch.Tensor, sizes: torch.Tensor, *, seed: int, level: int, bits: int, steps: int,
-    width: int, windows: int, group_steps: torch.Tensor | None = None, decay: float = 1.0
+    indices: torch.Tensor,
+    sizes: torch.Tensor,
+    *,
+    seed: int,
+    level: int,
+    bits: int,
+    steps: int,
+    width: int,
+    windows: int,
+    group_steps: torch.Tensor | None = None,
+    decay: float = 1.0,
 ) -> torch.Tensor:
     """Rebuild the float32 sample from the indices: only the chosen pool entries are hashed.
 
@@ -164,8 +174,9 @@ def decode(
     per = max(1, chunk // max(1, nb * width))  # steps per batch: bounded memory
     for s0 in range(0, n_steps, per):
         # every (step, block) pair still walking in steps s0.., ordered by step
-        step, block = torch.nonzero(block_steps[None, :] > torch.arange(
-            s0, min(n_steps, s0 + per), device=device)[:, None], as_tuple=True)
+        step, block = torch.nonzero(
+            block_steps[None, :] > torch.arange(s0, min(n_steps, s0 + per), device=device)[:, None], as_tuple=True
+        )
         step = step + s0
         local, sign_bit, window, shift = pool.pair_scramble(seed, level, step, block, lay)
         rows = (indices[lay.block_group[block], step] + shift) & ((1 << bits) - 1)

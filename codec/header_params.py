@@ -27,8 +27,9 @@ def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:
     data, tag = header.coder_params[1:], header.coder_params[:1]
     if tag == b"R":
         if len(data) != 1 or data[0] not in REGISTERED_FORMATS:
-            raise RecFormatError("coder_params", f"unknown registered parameter set {data.hex() or '(none)'} "
-                                                 "(written by a newer build?)")
+            raise RecFormatError(
+                "coder_params", f"unknown registered parameter set {data.hex() or '(none)'} (written by a newer build?)"
+            )
         data, tag = REGISTERED_FORMATS[data[0]], b"P"
     if tag == b"P":
         try:  # the decoder fields travel in the file: a preset may change without orphaning files

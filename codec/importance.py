@@ -57,8 +57,7 @@ def encode(
         active = torch.nonzero(~none).squeeze(1)
         if active.numel() == 0:
             continue
-        feats = pool.window_features(rng.pool_block(seed, level, r0, n, width, device), width, 0,
-                                     gemm_dtype)
+        feats = pool.window_features(rng.pool_block(seed, level, r0, n, width, device), width, 0, gemm_dtype)
         scores = (feats @ ab[active].T).float()  # (n, active)
         rel = (torch.arange(r0, r0 + n, device=device)[:, None] - offset[active]) & (k - 1)
         part = torch.nonzero(~full[active]).squeeze(1)
@@ -71,8 +70,7 @@ def encode(
         top, arg = scores.max(0)
         better = top.double() > best[active]
         best[active] = torch.where(better, top.double(), best[active])
-        best_rel[active] = torch.where(better, rel[arg, torch.arange(active.numel())],
-                                       best_rel[active])
+        best_rel[active] = torch.where(better, rel[arg, torch.arange(active.numel())], best_rel[active])
     rows = (best_rel + offset) & (k - 1)
     x = pool.chosen_values(seed, level, rows[lay.dim_group], scr, k)
     return best_rel, x
@@ -86,9 +84,7 @@ def row_offsets(seed: int, level: int, n_groups: int, bits: int, device) -> torc
 
 
 @torch.no_grad()
-def decode(
-    indices: torch.Tensor, sizes: torch.Tensor, *, seed: int, level: int, bits: int, width: int
-) -> torch.Tensor:
+def decode(indices: torch.Tensor, sizes: torch.Tensor, *, seed: int, level: int, bits: int, width: int) -> torch.Tensor:
     """Rebuild the float32 sample from the indices: one pool row per group is hashed."""
     lay = pool.make_layout(sizes, width, indices.device)
     scr = pool.scramble(seed, level, 0, lay)

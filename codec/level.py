@@ -201,29 +201,69 @@ def _plan(q_loc, q_scale, p_loc, p_scale, lp: LevelParams) -> _Plan:
     cod_pos = inl_pos[torch.from_numpy(~seg_dim_zero).to(device)]
     sizes = seg_sizes[~seg_zero]
     group_kl = torch.zeros(len(sizes), dtype=torch.float64, device=device)
-    group_kl.index_add_(0, torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                                   torch.from_numpy(sizes).to(device)), kl[cod_pos])
+    group_kl.index_add_(
+        0,
+        torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.from_numpy(sizes).to(device)),
+        kl[cod_pos],
+    )
     lens = index_lengths((group_kl / math.log(2)).cpu().numpy(), lp) if lp.adaptive else None
-    return _Plan(m=m, v=v, kl=kl, kl_bits=kl_bits, out_np=out_np, out_pos=torch.nonzero(outlier).squeeze(1),
-                 inl_np=inl_np, seg_sizes=seg_sizes, seg_zero=seg_zero, seg_dim_zero=seg_dim_zero,
-                 zero_pos=inl_pos[torch.from_numpy(seg_dim_zero).to(device)], cod_pos=cod_pos, sizes=sizes,
-                 group_kl=group_kl, lens=lens)
+    return _Plan(
+        m=m,
+        v=v,
+        kl=kl,
+        kl_bits=kl_bits,
+        out_np=out_np,
+        out_pos=torch.nonzero(outlier).squeeze(1),
+        inl_np=inl_np,
+        seg_sizes=seg_sizes,
+        seg_zero=seg_zero,
+        seg_dim_zero=seg_dim_zero,
+        zero_pos=inl_pos[torch.from_numpy(seg_dim_zero).to(device)],
+        cod_pos=cod_pos,
+        sizes=sizes,
+        group_kl=group_kl,
+        lens=lens,
+    )
 
 
-def _greedy_walk(m, v, sizes: np.ndarray, lens: np.ndarray | None, lp: LevelParams, params: CoderParams,
-                 decay: float, table: torch.Tensor, *, seed: int, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _greedy_walk(
+    m,
+    v,
+    sizes: np.ndarray,
+    lens: np.ndarray | None,
+    lp: LevelParams,
+    params: CoderParams,
+    decay: float,
+    table: torch.Tensor,
+    *,
+    seed: int,
+    level: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """greedy.encode of these groups with the level's settings, the given shard decay and pool."""
     device = m.device
-    return greedy.encode(m, v, torch.from_numpy(sizes).to(device), seed=seed, level=level, bits=lp.index_bits,
-                         steps=lp.steps, width=params.pool_width, windows=params.pool_windows,
-                         memory_bytes=params.memory_bytes(device), gemm_dtype=params.gemm_torch_dtype,
-                         group_steps=None if lens is None else torch.from_numpy(lens).to(device),
-                         decay=decay, auxiliary=lp.target == "auxiliary", sample=lp.selection == "sample",
-                         table=table)
+    return greedy.encode(
+        m,
+        v,
+        torch.from_numpy(sizes).to(device),
+        seed=seed,
+        level=level,
+        bits=lp.index_bits,
+        steps=lp.steps,
+        width=params.pool_width,
+        windows=params.pool_windows,
+        memory_bytes=params.memory_bytes(device),
+        gemm_dtype=params.gemm_torch_dtype,
+        group_steps=None if lens is None else torch.from_numpy(lens).to(device),
+        decay=decay,
+        auxiliary=lp.target == "auxiliary",
+        sample=lp.selection == "sample",
+        table=table,
+    )
 
 
-def _choose_decay(plan: _Plan, lp: LevelParams, params: CoderParams, table: torch.Tensor, *, seed: int,
-                  level: int) -> float:
+def _choose_decay(
+    plan: _Plan, lp: LevelParams, params: CoderParams, table: torch.Tensor, *, seed: int, level: int
+) -> float:
     """The shard decay, among `lp.decay_choices`, whose coded sample lies closest to the posterior
     mean: the smallest mean of u^2 = (z - mu_q)^2 / sigma_q^2 over the coded dims.
 
@@ -248,8 +288,18 @@ def _choose_decay(plan: _Plan, lp: LevelParams, params: CoderParams, table: torc
 
 
 @torch.no_grad()
-def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
-                 params: CoderParams, return_stats: bool = False, choose_decay: bool = False):
+def encode_level(
+    q_loc,
+    q_scale,
+    p_loc,
+    p_scale,
+    *,
+    seed: int,
+    level: int,
+    params: CoderParams,
+    return_stats: bool = False,
+    choose_decay: bool = False,
+):
     """Code a sample of q = N(q_loc, q_scale^2) against p = N(p_loc, p_scale^2).
 
     With `choose_decay`, a greedy level codes with the shard decay among its `decay_choices`
@@ -264,14 +314,23 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     table = None
     if lp.sampler == "greedy":
         most_blocks = int(-(-plan.sizes.max() // params.pool_width)) if plan.sizes.size else 1
-        table = greedy.pool_table(seed, level, lp.index_bits,
-                                  min(params.pool_windows, most_blocks) * params.pool_width, plan.m.device)
+        table = greedy.pool_table(
+            seed, level, lp.index_bits, min(params.pool_windows, most_blocks) * params.pool_width, plan.m.device
+        )
         if choose_decay:
-            params = params.with_level(level, shard_decay=_choose_decay(plan, lp, params, table, seed=seed,
-                                                                        level=level))
+            params = params.with_level(
+                level, shard_decay=_choose_decay(plan, lp, params, table, seed=seed, level=level)
+            )
             lp = params.for_level(level)
-    m, v, sizes, lens, out_pos, zero_pos, cod_pos = (plan.m, plan.v, plan.sizes, plan.lens, plan.out_pos,
-                                                     plan.zero_pos, plan.cod_pos)
+    m, v, sizes, lens, out_pos, zero_pos, cod_pos = (
+        plan.m,
+        plan.v,
+        plan.sizes,
+        plan.lens,
+        plan.out_pos,
+        plan.zero_pos,
+        plan.cod_pos,
+    )
     seg_sizes, seg_zero = plan.seg_sizes, plan.seg_zero
     n, device = m.numel(), m.device
     eps = torch.empty(n, dtype=torch.float32, device=device)
@@ -284,8 +343,9 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
 
     if lp.sampler == "greedy":
-        idx, x = _greedy_walk(m[cod_pos], v[cod_pos], sizes, lens, lp, params, lp.shard_decay, table,
-                              seed=seed, level=level)
+        idx, x = _greedy_walk(
+            m[cod_pos], v[cod_pos], sizes, lens, lp, params, lp.shard_decay, table, seed=seed, level=level
+        )
         steps_np = np.full(len(sizes), lp.steps) if lens is None else lens
         used = np.arange(lp.steps)[None, :] < steps_np[:, None]
         idx_np = idx.cpu().numpy()[used]
@@ -298,10 +358,19 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
             n_cand = torch.exp2(torch.from_numpy(lens).to(device).double())
             widths = lens
         n_cand = n_cand.clamp(1, 1 << lp.index_bits).long()
-        idx, x = importance.encode(m[cod_pos], v[cod_pos], torch.from_numpy(sizes).to(device), n_cand,
-                                   seed=seed, level=level, bits=lp.index_bits, width=lp.pool_width,
-                                   memory_bytes=params.memory_bytes(device), gemm_dtype=params.gemm_torch_dtype,
-                                   sample=lp.selection == "sample")
+        idx, x = importance.encode(
+            m[cod_pos],
+            v[cod_pos],
+            torch.from_numpy(sizes).to(device),
+            n_cand,
+            seed=seed,
+            level=level,
+            bits=lp.index_bits,
+            width=lp.pool_width,
+            memory_bytes=params.memory_bytes(device),
+            gemm_dtype=params.gemm_torch_dtype,
+            sample=lp.selection == "sample",
+        )
         idx_np = idx.cpu().numpy()
     eps[cod_pos] = x
 
@@ -312,8 +381,7 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     zl_sym, zl_mant, zl_w = bucketize(seg_sizes[seg_zero], 0)
     gaps = torch.diff(out_pos, prepend=out_pos.new_tensor([-1])).cpu().numpy()
     gap_sym, gap_mant, gap_w = bucketize(gaps, 0)
-    rans = encode_fields([(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG),
-                          (gap_sym, _LONG)], bits)
+    rans = encode_fields([(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG), (gap_sym, _LONG)], bits)
     bits.write(size_mant, size_w)
     bits.write(zl_mant, zl_w)
     bits.write(gap_mant, gap_w)
@@ -322,8 +390,7 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     bits.write(idx_np.reshape(-1), widths)
     index_bits = bits.n_bits - side_bits
     head = struct.pack(">BBH", SECTION_FORMAT_VERSION, _SAMPLER_IDS[lp.sampler], _check(params, level))
-    head += (_varint(len(seg_sizes)) + _varint(int(seg_zero.sum())) + _varint(out_pos.numel())
-             + _varint(len(rans)))
+    head += _varint(len(seg_sizes)) + _varint(int(seg_zero.sum())) + _varint(out_pos.numel()) + _varint(len(rans))
     body = head + rans + bits.getvalue()
     data = body + struct.pack(">I", zlib.crc32(body))
 
@@ -331,14 +398,25 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, *, seed: int, level: int,
     if not return_stats:
         return sample, data
     kl_bits = plan.kl_bits
-    stats = dict(level=level, sampler=lp.sampler, n_dims=n, kl_bits=float(kl_bits.sum()),
-                 bits=8 * len(data), index_bits=index_bits,
-                 side_bits=8 * len(data) - index_bits, n_groups=len(sizes),
-                 n_outliers=int(out_pos.numel()), outlier_kl_bits=float(kl_bits[plan.out_np].sum()),
-                 n_zero_runs=int(seg_zero.sum()), n_zero_dims=int(zero_pos.numel()),
-                 zero_kl_bits=float(kl_bits[plan.inl_np][plan.seg_dim_zero].sum()),
-                 shard_decay=lp.shard_decay if lp.sampler == "greedy" else None,
-                 rans_bytes=len(rans), raw_side_bits=side_bits, seconds=time.perf_counter() - t0)
+    stats = dict(
+        level=level,
+        sampler=lp.sampler,
+        n_dims=n,
+        kl_bits=float(kl_bits.sum()),
+        bits=8 * len(data),
+        index_bits=index_bits,
+        side_bits=8 * len(data) - index_bits,
+        n_groups=len(sizes),
+        n_outliers=int(out_pos.numel()),
+        outlier_kl_bits=float(kl_bits[plan.out_np].sum()),
+        n_zero_runs=int(seg_zero.sum()),
+        n_zero_dims=int(zero_pos.numel()),
+        zero_kl_bits=float(kl_bits[plan.inl_np][plan.seg_dim_zero].sum()),
+        shard_decay=lp.shard_decay if lp.sampler == "greedy" else None,
+        rans_bytes=len(rans),
+        raw_side_bits=side_bits,
+        seconds=time.perf_counter() - t0,
+    )
     return sample, data, stats
 
 
@@ -365,8 +443,7 @@ def _destandardise(eps: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor
 
 
 @torch.no_grad()
-def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int,
-                 params: CoderParams) -> torch.Tensor:
+def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: CoderParams) -> torch.Tensor:
     """Rebuild encode_level's sample from its bytes; raises RecDecodeError on bad data."""
     lp = params.for_level(level)
     if p_loc.shape != p_scale.shape:
@@ -397,8 +474,9 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int,
     size_alphabet, direct = _size_field(lp)
     len_sym, size_sym, zl_sym, gap_sym = decode_fields(
         body[pos : pos + n_rans],
-        [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG),
-         (n_out, _LONG)], bits)
+        [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG), (n_out, _LONG)],
+        bits,
+    )
     seg_zero = len_sym == 0
     if int(seg_zero.sum()) != n_zero:
         raise RecDecodeError(f"level {level}: zero-run count mismatch")
@@ -436,12 +514,20 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int,
     sizes_t = torch.from_numpy(sizes).to(device)
     idx_t = torch.from_numpy(idx).to(device)
     if lp.sampler == "greedy":
-        eps[cod_pos] = greedy.decode(idx_t, sizes_t, seed=seed, level=level, bits=lp.index_bits,
-                                     steps=lp.steps, width=params.pool_width,
-                                     windows=params.pool_windows,
-                                     group_steps=torch.from_numpy(steps_np).to(device),
-                                     decay=lp.shard_decay)
+        eps[cod_pos] = greedy.decode(
+            idx_t,
+            sizes_t,
+            seed=seed,
+            level=level,
+            bits=lp.index_bits,
+            steps=lp.steps,
+            width=params.pool_width,
+            windows=params.pool_windows,
+            group_steps=torch.from_numpy(steps_np).to(device),
+            decay=lp.shard_decay,
+        )
     else:
-        eps[cod_pos] = importance.decode(idx_t, sizes_t, seed=seed, level=level,
-                                         bits=lp.index_bits, width=lp.pool_width)
+        eps[cod_pos] = importance.decode(
+            idx_t, sizes_t, seed=seed, level=level, bits=lp.index_bits, width=lp.pool_width
+        )
     return _destandardise(eps, p_loc, p_scale)

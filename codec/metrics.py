@@ -22,9 +22,7 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
     from pytorch_msssim import ms_ssim as _ms_ssim
 
     def t(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(x, dtype=np.float32)).permute(2, 0, 1)[
-            None
-        ]  # (1,3,H,W)
+        return torch.from_numpy(np.array(x, dtype=np.float32)).permute(2, 0, 1)[None]  # (1,3,H,W)
 
     with torch.no_grad():
         return float(_ms_ssim(t(a), t(b), data_range=255.0).item())

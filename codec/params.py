@@ -28,12 +28,20 @@ def _parse_value(key: str, text: str, kind: type):
         value = float(value)
     if kind is str and not isinstance(value, str):
         value = text
-    if kind is tuple and isinstance(value, list) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+    if (
+        kind is tuple
+        and isinstance(value, list)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+    ):
         value = tuple(float(x) for x in value)
     if type(value) is not kind:
-        wanted = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-                  tuple: "a list of numbers"}[kind]
+        wanted = {
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            bool: "true or false",
+            tuple: "a list of numbers",
+        }[kind]
         raise ValueError(f"{key} must be {wanted}, got {text!r}")
     return value
 
@@ -115,8 +123,9 @@ DECAY_CHOICES = (0.85, 0.9, 0.95)
 # under its own conditional target given the walk so far (`target="auxiliary"`, encoder-only;
 # the thesis's log q of the running sum lets a group's sharpest dims decide and spreads the others
 # 2-3x wider than q).
-THESIS_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
-                        shard_decay=0.85, decay_choices=DECAY_CHOICES)
+THESIS_L1 = LevelParams(
+    "greedy", 14, 30, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary", shard_decay=0.85, decay_choices=DECAY_CHOICES
+)
 # Level 2 walks the same greedy budgets rather than the thesis's importance sampler: its groups of
 # <= 15 dims carry ~10-15 bits of KL each and need ~6-7 bits of side information (size, index
 # length), ~1.5x KL in all, where 420-bit greedy groups cost ~1.06x.
@@ -130,12 +139,24 @@ IMPORTANCE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 18.5, zero_run=0)
 THESIS_CODE_L1 = LevelParams("greedy", 14, 30, 4095, 1.0, 24.0, adaptive=False, zero_run=0)
 THESIS_CODE_L2 = LevelParams("importance", 20, 1, 15, 1.0, 12.0, adaptive=False, zero_run=0)
 # ~10x fewer candidate evaluations than `thesis`; level 2 walks greedily too (fewer groups).
-FAST_L1 = LevelParams("greedy", 10, 40, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary",
-                      shard_decay=0.85, decay_choices=DECAY_CHOICES)
+FAST_L1 = LevelParams(
+    "greedy", 10, 40, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary", shard_decay=0.85, decay_choices=DECAY_CHOICES
+)
 # dims with sigma_q/sigma_p < 0.1/sqrt(12) go to outliers: 12 steps of 10 bits cannot pin them
 # (the importance sampler costs 1.3-1.7x KL instead)
-FAST_L2 = LevelParams("greedy", 10, 12, 4095, 0.5, 18.0, zero_run=384, target="auxiliary",
-                      shard_decay=0.9, outlier_min_ratio=0.1, decay_choices=DECAY_CHOICES)
+FAST_L2 = LevelParams(
+    "greedy",
+    10,
+    12,
+    4095,
+    0.5,
+    18.0,
+    zero_run=384,
+    target="auxiliary",
+    shard_decay=0.9,
+    outlier_min_ratio=0.1,
+    decay_choices=DECAY_CHOICES,
+)
 
 # CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
 _PRESET_FIELDS = {
@@ -151,56 +172,59 @@ PRESETS = tuple(_PRESET_FIELDS)
 # (`CoderParams.levels_format_bytes`, 48 of a ~120-byte header): the presets as shipped, for
 # 2 and 1 levels. Append only: a file naming id k decodes with entry k forever
 # (tests/expected/registered_formats.json guards the entries; a retuned preset gets a new id).
-REGISTERED_FORMATS = {k: bytes.fromhex(v) for k, v in {
-    1: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis (level 2 greedy), 2 levels
-       "01010e001e0fff4200000000800008013feb333333333333",
-    2: "01010e001e0fff4200000000800008013feb333333333333",  # thesis, thesis-importance, 1 level
-    3: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, 2 levels
-       "01010a00280fff4200000000800008013feb333333333333",
-    4: "01010a00280fff4200000000800008013feb333333333333",  # fast, 1 level
-    5: "0202140001000f4200000000800008013ff0000000000000"  # thesis-importance, 2 levels
-       "01010e001e0fff4200000000800008013feb333333333333",
-    6: "0202140001000f4200000000800008003ff0000000000000"  # thesis-code, 2 levels
-       "01010e001e0fff4200000000800008003ff0000000000000",
-    7: "01010e001e0fff4200000000800008003ff0000000000000",  # thesis-code, 1 level
-    # the shard decays `thesis` and `fast` choose between (DECAY_CHOICES), other than the above
-    8: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.85 (level 1)
-       "01010e001e0fff4200000000800008013feb333333333333",
-    9: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.9 (level 1)
-       "01010e001e0fff4200000000800008013feccccccccccccd",
-    10: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.95 (level 1)
-       "01010e001e0fff4200000000800008013fee666666666666",
-    11: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis, shard decays 0.9 (level 2) / 0.9 (level 1)
-       "01010e001e0fff4200000000800008013feccccccccccccd",
-    12: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis, shard decays 0.9 (level 2) / 0.95 (level 1)
-       "01010e001e0fff4200000000800008013fee666666666666",
-    13: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.85 (level 1)
-       "01010e001e0fff4200000000800008013feb333333333333",
-    14: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.9 (level 1)
-       "01010e001e0fff4200000000800008013feccccccccccccd",
-    15: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.95 (level 1)
-       "01010e001e0fff4200000000800008013fee666666666666",
-    16: "01010e001e0fff4200000000800008013feccccccccccccd",  # thesis, 1 level, shard decay 0.9
-    17: "01010e001e0fff4200000000800008013fee666666666666",  # thesis, 1 level, shard decay 0.95
-    18: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.85 (level 1)
-       "01010a00280fff4200000000800008013feb333333333333",
-    19: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.9 (level 1)
-       "01010a00280fff4200000000800008013feccccccccccccd",
-    20: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.95 (level 1)
-       "01010a00280fff4200000000800008013fee666666666666",
-    21: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, shard decays 0.9 (level 2) / 0.9 (level 1)
-       "01010a00280fff4200000000800008013feccccccccccccd",
-    22: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, shard decays 0.9 (level 2) / 0.95 (level 1)
-       "01010a00280fff4200000000800008013fee666666666666",
-    23: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.85 (level 1)
-       "01010a00280fff4200000000800008013feb333333333333",
-    24: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.9 (level 1)
-       "01010a00280fff4200000000800008013feccccccccccccd",
-    25: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.95 (level 1)
-       "01010a00280fff4200000000800008013fee666666666666",
-    26: "01010a00280fff4200000000800008013feccccccccccccd",  # fast, 1 level, shard decay 0.9
-    27: "01010a00280fff4200000000800008013fee666666666666",  # fast, 1 level, shard decay 0.95
-}.items()}
+REGISTERED_FORMATS = {
+    k: bytes.fromhex(v)
+    for k, v in {
+        1: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis (level 2 greedy), 2 levels
+        "01010e001e0fff4200000000800008013feb333333333333",
+        2: "01010e001e0fff4200000000800008013feb333333333333",  # thesis, thesis-importance, 1 level
+        3: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, 2 levels
+        "01010a00280fff4200000000800008013feb333333333333",
+        4: "01010a00280fff4200000000800008013feb333333333333",  # fast, 1 level
+        5: "0202140001000f4200000000800008013ff0000000000000"  # thesis-importance, 2 levels
+        "01010e001e0fff4200000000800008013feb333333333333",
+        6: "0202140001000f4200000000800008003ff0000000000000"  # thesis-code, 2 levels
+        "01010e001e0fff4200000000800008003ff0000000000000",
+        7: "01010e001e0fff4200000000800008003ff0000000000000",  # thesis-code, 1 level
+        # the shard decays `thesis` and `fast` choose between (DECAY_CHOICES), other than the above
+        8: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.85 (level 1)
+        "01010e001e0fff4200000000800008013feb333333333333",
+        9: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.9 (level 1)
+        "01010e001e0fff4200000000800008013feccccccccccccd",
+        10: "02010e001e0fff4200000000800008013feb333333333333"  # thesis, shard decays 0.85 (level 2) / 0.95 (level 1)
+        "01010e001e0fff4200000000800008013fee666666666666",
+        11: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis, shard decays 0.9 (level 2) / 0.9 (level 1)
+        "01010e001e0fff4200000000800008013feccccccccccccd",
+        12: "02010e001e0fff4200000000800008013feccccccccccccd"  # thesis, shard decays 0.9 (level 2) / 0.95 (level 1)
+        "01010e001e0fff4200000000800008013fee666666666666",
+        13: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.85 (level 1)
+        "01010e001e0fff4200000000800008013feb333333333333",
+        14: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.9 (level 1)
+        "01010e001e0fff4200000000800008013feccccccccccccd",
+        15: "02010e001e0fff4200000000800008013fee666666666666"  # thesis, shard decays 0.95 (level 2) / 0.95 (level 1)
+        "01010e001e0fff4200000000800008013fee666666666666",
+        16: "01010e001e0fff4200000000800008013feccccccccccccd",  # thesis, 1 level, shard decay 0.9
+        17: "01010e001e0fff4200000000800008013fee666666666666",  # thesis, 1 level, shard decay 0.95
+        18: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.85 (level 1)
+        "01010a00280fff4200000000800008013feb333333333333",
+        19: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.9 (level 1)
+        "01010a00280fff4200000000800008013feccccccccccccd",
+        20: "02010a000c0fff4200000000800008013feb333333333333"  # fast, shard decays 0.85 (level 2) / 0.95 (level 1)
+        "01010a00280fff4200000000800008013fee666666666666",
+        21: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, shard decays 0.9 (level 2) / 0.9 (level 1)
+        "01010a00280fff4200000000800008013feccccccccccccd",
+        22: "02010a000c0fff4200000000800008013feccccccccccccd"  # fast, shard decays 0.9 (level 2) / 0.95 (level 1)
+        "01010a00280fff4200000000800008013fee666666666666",
+        23: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.85 (level 1)
+        "01010a00280fff4200000000800008013feb333333333333",
+        24: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.9 (level 1)
+        "01010a00280fff4200000000800008013feccccccccccccd",
+        25: "02010a000c0fff4200000000800008013fee666666666666"  # fast, shard decays 0.95 (level 2) / 0.95 (level 1)
+        "01010a00280fff4200000000800008013fee666666666666",
+        26: "01010a00280fff4200000000800008013feccccccccccccd",  # fast, 1 level, shard decay 0.9
+        27: "01010a00280fff4200000000800008013fee666666666666",  # fast, 1 level, shard decay 0.95
+    }.items()
+}
 
 
 def registered_id(format_bytes: bytes) -> int | None:
@@ -256,9 +280,19 @@ class CoderParams:
     def format_bytes(self, level: int) -> bytes:
         """The fields a decoder of this level depends on."""
         lp = self.for_level(level)
-        return struct.pack(_FORMAT, level, 1 + SAMPLERS.index(lp.sampler), lp.index_bits,
-                           lp.steps, lp.max_group_size, self.outlier_range, self.pool_width,
-                           self.pool_windows, int(lp.adaptive), lp.shard_decay)
+        return struct.pack(
+            _FORMAT,
+            level,
+            1 + SAMPLERS.index(lp.sampler),
+            lp.index_bits,
+            lp.steps,
+            lp.max_group_size,
+            self.outlier_range,
+            self.pool_width,
+            self.pool_windows,
+            int(lp.adaptive),
+            lp.shard_decay,
+        )
 
     def levels_format_bytes(self, num_levels: int) -> bytes:
         """format_bytes of levels num_levels..1 (top first), concatenated: what a header carries."""
@@ -277,18 +311,31 @@ class CoderParams:
             raise ValueError(f"{len(data)} bytes of level parameters for {num_levels} levels")
         levels, shared = {}, set()
         for i, level in enumerate(range(num_levels, 0, -1)):
-            (lv, sampler, bits, steps, max_size, outlier_range, pool_width, pool_windows, adaptive,
-             decay) = struct.unpack(_FORMAT, data[i * size : (i + 1) * size])
+            (lv, sampler, bits, steps, max_size, outlier_range, pool_width, pool_windows, adaptive, decay) = (
+                struct.unpack(_FORMAT, data[i * size : (i + 1) * size])
+            )
             if lv != level or not 1 <= sampler <= len(SAMPLERS) or adaptive > 1:
                 raise ValueError(f"malformed parameters for level {level}")
-            levels[level] = LevelParams(SAMPLERS[sampler - 1], bits, steps, max_size, margin_nats=0.0,
-                                        adaptive=bool(adaptive), shard_decay=decay)
+            levels[level] = LevelParams(
+                SAMPLERS[sampler - 1],
+                bits,
+                steps,
+                max_size,
+                margin_nats=0.0,
+                adaptive=bool(adaptive),
+                shard_decay=decay,
+            )
             shared.add((outlier_range, pool_width, pool_windows))
         if len(shared) != 1 or not math.isfinite(outlier_range) or outlier_range <= 0:
             raise ValueError("inconsistent shared coder parameters")
         default = cls()
-        params = cls(level1=levels.get(1, default.level1), level2=levels.get(2, default.level2),
-                     outlier_range=outlier_range, pool_width=pool_width, pool_windows=pool_windows)
+        params = cls(
+            level1=levels.get(1, default.level1),
+            level2=levels.get(2, default.level2),
+            outlier_range=outlier_range,
+            pool_width=pool_width,
+            pool_windows=pool_windows,
+        )
         if params.levels_format_bytes(num_levels) != data:
             raise ValueError("level parameters do not round-trip")
         return params
@@ -332,7 +379,8 @@ class CoderParams:
         """
         level_types, top_types = (
             {f.name: _SCALAR_TYPES.get(getattr(f.type, "__name__", f.type)) for f in fields(owner)}
-            for owner in (LevelParams, CoderParams))
+            for owner in (LevelParams, CoderParams)
+        )
         types = {"": top_types, "level1": level_types, "level2": level_types}
         changes: dict[str, dict] = {head: {} for head in types}
         for item in items:

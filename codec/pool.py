@@ -83,8 +83,7 @@ def block_scramble(seed: int, level: int, step: int, lay: Layout):
     return pair_scramble(seed, level, step, blocks, lay)  # an int step: no wait on the device
 
 
-def pair_scramble(seed: int, level: int, steps: int | torch.Tensor, blocks: torch.Tensor,
-                  lay: Layout):
+def pair_scramble(seed: int, level: int, steps: int | torch.Tensor, blocks: torch.Tensor, lay: Layout):
     """block_scramble for a list of (step, block) pairs: (P, width) columns and sign bits, (P,)
     windows and row shifts. Pairs are in (step, block) order and hold every block of a group
     whenever they hold one (the decoder batches the blocks still walking, step by step)."""
@@ -115,8 +114,7 @@ def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
     sign = 1.0 - 2.0 * sign_bit.reshape(-1).to(torch.float32)
     if lay.dim_slot is not None:
         col, sign = col[lay.dim_slot], sign[lay.dim_slot]
-    return Scramble(col=col, sign=sign, block_window=block_window, block_shift=shift,
-                    dim_shift=shift[lay.dim_block])
+    return Scramble(col=col, sign=sign, block_window=block_window, block_shift=shift, dim_shift=shift[lay.dim_block])
 
 
 def block_matrix(lay: Layout, scr: Scramble, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -173,7 +171,6 @@ def dim_rows(candidates: torch.Tensor, scr: Scramble, n_rows: int) -> torch.Tens
     return (candidates + scr.dim_shift) & (n_rows - 1)
 
 
-def chosen_values(seed: int, level: int, candidates: torch.Tensor, scr: Scramble,
-                  n_rows: int) -> torch.Tensor:
+def chosen_values(seed: int, level: int, candidates: torch.Tensor, scr: Scramble, n_rows: int) -> torch.Tensor:
     """Random access: the signed pool values of the chosen candidates (one per dim)."""
     return rng.pool_entries(seed, level, dim_rows(candidates, scr, n_rows), scr.col) * scr.sign

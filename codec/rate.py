@@ -55,8 +55,9 @@ class BetaSearch:
             self.kl[code] = kl_bits(self.model, self.x, beta_from_code(code))
         return self.kl[code]
 
-    def __call__(self, target_bits: float, overhead: float = CODER_OVERHEAD,
-                 header_bits: float = HEADER_BITS) -> tuple[float, float]:
+    def __call__(
+        self, target_bits: float, overhead: float = CODER_OVERHEAD, header_bits: float = HEADER_BITS
+    ) -> tuple[float, float]:
         """(β, its KL bits); the end of the model's range when the target lies beyond it."""
 
         def miss(code: int) -> float:  # > 0: the file would be too big
@@ -89,8 +90,9 @@ class BetaSearch:
         return beta_from_code(best), self.kl_at(best)
 
 
-def compress_to_bpp(compress, model, x: torch.Tensor, target_bpp: float, attempts: int = 3,
-                    tolerance: float = BPP_TOLERANCE) -> tuple[bytes, object, dict]:
+def compress_to_bpp(
+    compress, model, x: torch.Tensor, target_bpp: float, attempts: int = 3, tolerance: float = BPP_TOLERANCE
+) -> tuple[bytes, object, dict]:
     """Code `x` at the β whose file lands nearest `target_bpp`.
 
     `compress(beta)` codes the image and returns (data, x_hat, stats) as codec.api.compress_image does.

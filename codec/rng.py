@@ -140,8 +140,7 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return _TABLES[device]
 
 
-def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: torch.Tensor,
-             lo: torch.Tensor) -> None:
+def _normal_(bits: torch.Tensor, out: torch.Tensor, cell: torch.Tensor, tmp: torch.Tensor, lo: torch.Tensor) -> None:
     """float32 N(0,1) from the low 32 bits of int64 `bits`, written into `out` (same length)."""
     central, tail, diff = _tables(bits.device)
     torch.bitwise_right_shift(bits, 15, out=cell).bitwise_and_(0xFFFF)
@@ -230,8 +229,7 @@ def pool_entries(seed: int, level: int, rows: torch.Tensor, cols: torch.Tensor) 
     return normal_from_bits(bits)
 
 
-def pool_window_bits(seed: int, level: int, rows: torch.Tensor, windows: torch.Tensor,
-                     width: int) -> torch.Tensor:
+def pool_window_bits(seed: int, level: int, rows: torch.Tensor, windows: torch.Tensor, width: int) -> torch.Tensor:
     """(nb, width) int64 whose low 32 bits make (normal_from_bits) the pool entries of row rows[b],
     columns windows[b] * width ... + width - 1: one hash per two columns, as pool_block. The
     decoder's hot loop permutes and signs these bits before turning them into normals (flipping
@@ -254,8 +252,7 @@ def pool_block(seed: int, level: int, row0: int, n_rows: int, n_cols: int, devic
 
 
 def scramble_words(
-    seed: int, level: int, groups: torch.Tensor, step: int | torch.Tensor, blocks: torch.Tensor,
-    n_words: int
+    seed: int, level: int, groups: torch.Tensor, step: int | torch.Tensor, blocks: torch.Tensor, n_words: int
 ) -> torch.Tensor:
     """(..., n_words) int64 hashes keyed by (group, step, block): permutation, signs, offsets.
 

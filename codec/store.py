@@ -48,7 +48,7 @@ def model_dirs() -> list[Path]:
 
 
 def where_searched(dirs: list[Path]) -> str:
-    """"in A, B" for a message about the folders `dirs` (none when $REC_MODEL_DIR is unset outside a checkout)."""
+    """ "in A, B" for a message about the folders `dirs` (none when $REC_MODEL_DIR is unset outside a checkout)."""
     return "in " + ", ".join(str(d) for d in dirs) if dirs else "(no folder to look in: $REC_MODEL_DIR is not set)"
 
 
@@ -66,15 +66,23 @@ def describe_model(path: Path) -> dict:
     meta, config = blob.get("meta", {}), blob.get("config", {})
     record = meta.get("training") or {}
     segments, terms = record.get("segments") or [], record.get("final_terms") or {}
-    return {"name": path.stem, "path": str(path), "arch": blob.get("arch"), "channels": config.get("channels"),
-            "parameters": sum(t.numel() for t in blob["state_dict"].values()),
-            "megabytes": round(path.stat().st_size / 1e6, 1),
-            "beta": None if config.get("beta_knots") else (meta.get("train_config") or {}).get("beta"),
-            "beta_range": [config["beta_min"], config["beta_max"]] if config.get("beta_knots") else None,
-            "validation": record.get("validation"), "steps": record.get("steps"),
-            "minutes": record.get("minutes"), "hardware": segments[-1].get("hardware") if segments else None,
-            "init_from": (record.get("init") or {}).get("from"),
-            "train_kl_bpp": terms.get("kl_bpp"), "train_psnr": terms.get("psnr")}
+    return {
+        "name": path.stem,
+        "path": str(path),
+        "arch": blob.get("arch"),
+        "channels": config.get("channels"),
+        "parameters": sum(t.numel() for t in blob["state_dict"].values()),
+        "megabytes": round(path.stat().st_size / 1e6, 1),
+        "beta": None if config.get("beta_knots") else (meta.get("train_config") or {}).get("beta"),
+        "beta_range": [config["beta_min"], config["beta_max"]] if config.get("beta_knots") else None,
+        "validation": record.get("validation"),
+        "steps": record.get("steps"),
+        "minutes": record.get("minutes"),
+        "hardware": segments[-1].get("hardware") if segments else None,
+        "init_from": (record.get("init") or {}).get("from"),
+        "train_kl_bpp": terms.get("kl_bpp"),
+        "train_psnr": terms.get("psnr"),
+    }
 
 
 def list_models(dirs: list[Path] | None = None) -> tuple[list[Path], Path | None]:
@@ -104,9 +112,13 @@ def find_model(arg: str | None, dirs: list[Path] | None = None) -> Path:
         return Path(arg)
     stem = arg[:-3] if arg.endswith(".pt") else arg
     is_hash = re.fullmatch(r"[0-9a-fA-F]{4,64}", arg) is not None
-    hits = [p for p in _model_files(dirs)
-            if p.stem == stem or p.stem.startswith(stem + "-")
-            or (is_hash and p.stem.rsplit("-", 1)[-1].startswith(arg.lower()[:8]))]
+    hits = [
+        p
+        for p in _model_files(dirs)
+        if p.stem == stem
+        or p.stem.startswith(stem + "-")
+        or (is_hash and p.stem.rsplit("-", 1)[-1].startswith(arg.lower()[:8]))
+    ]
     if is_hash and len(arg) > 8:  # a longer prefix than the file name holds: check the content
         hits = [p for p in hits if file_sha256(p).startswith(arg.lower())]
     hits = list(dict.fromkeys(hits))
@@ -124,8 +136,12 @@ class ModelStore:
     `*-<sha8>.pt`, then any other `*.pt` there whose hash matches.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", dirs: list[Path] | None = None,
-                 model_path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        dirs: list[Path] | None = None,
+        model_path: str | os.PathLike | None = None,
+    ):
         self.device = device
         self.dirs = model_dirs() if dirs is None else dirs
         self.model_path = Path(model_path) if model_path is not None else None

@@ -16,8 +16,21 @@ from .vae import GaussianVAE
 MODELS: dict[str, type[LatentVariableModel]] = {"vae": GaussianVAE, "pln": LadderVAE}
 MODEL_FORMAT = "rec-model/1"
 
-__all__ = ["MODELS", "ModelConfig", "LatentVariableModel", "GaussianVAE", "LadderVAE", "build_model",
-           "save_model", "load_model", "file_sha256", "unwrap", "elbo_loss", "gaussian_kl", "combine_gaussians"]
+__all__ = [
+    "MODELS",
+    "ModelConfig",
+    "LatentVariableModel",
+    "GaussianVAE",
+    "LadderVAE",
+    "build_model",
+    "save_model",
+    "load_model",
+    "file_sha256",
+    "unwrap",
+    "elbo_loss",
+    "gaussian_kl",
+    "combine_gaussians",
+]
 
 
 def build_model(cfg: ModelConfig) -> LatentVariableModel:
@@ -43,19 +56,30 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_model(model: nn.Module, out_dir: str | os.PathLike, tag: str, dtype: torch.dtype = torch.float32,
-               meta: dict | None = None) -> Path:
+def save_model(
+    model: nn.Module, out_dir: str | os.PathLike, tag: str, dtype: torch.dtype = torch.float32, meta: dict | None = None
+) -> Path:
     """Export `<arch>-<tag>-<sha8>.pt`; sha8 is the first 8 hex digits of the file's SHA-256, which
     is what a .rec header refers to. `dtype` lets big models ship as fp16/bf16 (loaded back as fp32)."""
     model = unwrap(model)
     cfg: ModelConfig = model.cfg
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in model.state_dict().items()
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{cfg.arch}-{tag}.pt.tmp"
-    torch.save({"format": MODEL_FORMAT, "arch": cfg.arch, "tag": tag, "config": cfg.to_dict(),
-                "meta": meta or {}, "state_dict": state}, tmp)
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "arch": cfg.arch,
+            "tag": tag,
+            "config": cfg.to_dict(),
+            "meta": meta or {},
+            "state_dict": state,
+        },
+        tmp,
+    )
     final = out_dir / f"{cfg.arch}-{tag}-{file_sha256(tmp)[:8]}.pt"
     os.replace(tmp, final)
     return final

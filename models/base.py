@@ -78,8 +78,7 @@ class LatentVariableModel(nn.Module):
     def pad_size(self, height: int, width: int) -> tuple[int, int]:
         """Size the network runs at: a multiple of the downsampling factor, at least min_input_size."""
         f = self.downsampling_factor
-        return (max(self.min_input_size, math.ceil(height / f) * f),
-                max(self.min_input_size, math.ceil(width / f) * f))
+        return (max(self.min_input_size, math.ceil(height / f) * f), max(self.min_input_size, math.ceil(width / f) * f))
 
     def pad(self, x: Tensor) -> Tensor:
         """Pad bottom/right by edge replication to pad_size (works for any size, even 1×1)."""
@@ -94,13 +93,13 @@ class LatentVariableModel(nn.Module):
     def bottom_up(self, x: Tensor, beta: float | Tensor | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def prior(self, level: int, z_above: Tensor | None, shape: tuple[int, ...],
-              beta: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def prior(
+        self, level: int, z_above: Tensor | None, shape: tuple[int, ...], beta: float | Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """p(z_level | z_above); the top level's prior is N(0, I) of `shape` = (B, C, h, w)."""
         raise NotImplementedError
 
-    def posterior(self, level: int, feats: dict[str, Tensor], p_loc: Tensor, p_scale: Tensor
-                  ) -> tuple[Tensor, Tensor]:
+    def posterior(self, level: int, feats: dict[str, Tensor], p_loc: Tensor, p_scale: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def synthesize(self, z1: Tensor, beta: float | Tensor | None = None) -> Tensor:
@@ -132,8 +131,9 @@ class LatentVariableModel(nn.Module):
             out["log_gamma_offset"] = self.conditioning.log_gamma_offset(self.beta_weights(beta, x))
         return out
 
-    def infer(self, x: Tensor, sample: bool = True, beta: float | Tensor | None = None
-              ) -> tuple[Tensor, dict[int, Tensor]]:
+    def infer(
+        self, x: Tensor, sample: bool = True, beta: float | Tensor | None = None
+    ) -> tuple[Tensor, dict[int, Tensor]]:
         """The encoder's top-down walk without synthesis: (z1, {level: KL per dimension in nats}), each
         level's z a reparameterised posterior sample (or its mean with sample=False)."""
         feats = self.bottom_up(self.pad(x), beta)
@@ -146,8 +146,7 @@ class LatentVariableModel(nn.Module):
 
         return self.top_down(*x.shape[-2:], draw, beta, batch=x.shape[0]), kl
 
-    def top_down(self, height: int, width: int, draw, beta: float | Tensor | None = None,
-                 batch: int = 1) -> Tensor:
+    def top_down(self, height: int, width: int, draw, beta: float | Tensor | None = None, batch: int = 1) -> Tensor:
         """Walk the levels from the top: each level's prior p(z_l | z_above) from the z drawn above
         it, then z_l = draw(level, p_loc, p_scale). Returns z1. Every top-down pass (training,
         the encoder, the decoder, the coder-free evaluation) is this walk with its own `draw`."""

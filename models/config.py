@@ -31,8 +31,10 @@ class ModelConfig:
         if self.likelihood not in ("laplace", "gaussian"):
             raise ValueError(f"unknown likelihood {self.likelihood!r} (expected 'laplace' or 'gaussian')")
         if self.beta_knots and not (self.beta_knots >= 2 and 0 < self.beta_min < self.beta_max):
-            raise ValueError(f"a variable-rate model needs beta_knots >= 2 and 0 < beta_min < beta_max, got "
-                             f"{self.beta_knots} knots over [{self.beta_min}, {self.beta_max}]")
+            raise ValueError(
+                f"a variable-rate model needs beta_knots >= 2 and 0 < beta_min < beta_max, got "
+                f"{self.beta_knots} knots over [{self.beta_min}, {self.beta_max}]"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

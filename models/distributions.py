@@ -19,8 +19,9 @@ def gaussian_kl(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor) 
     return 0.5 * (ratio + ((q_loc - p_loc) / p_scale) ** 2 - 1.0 - torch.log(ratio))
 
 
-def combine_gaussians(enc_loc: Tensor, enc_scale: Tensor, prior_loc: Tensor, prior_scale: Tensor,
-                      rule: str = "product") -> tuple[Tensor, Tensor]:
+def combine_gaussians(
+    enc_loc: Tensor, enc_scale: Tensor, prior_loc: Tensor, prior_scale: Tensor, rule: str = "product"
+) -> tuple[Tensor, Tensor]:
     """Precision-weighted merge of bottom-up (encoder) and top-down (prior) statistics of the PLN.
 
     rule="product" is the Gaussian product rule, μ = (μx·Px + μp·Pp) / (Px + Pp).
@@ -51,8 +52,7 @@ class PixelLikelihood(nn.Module):
     γ∞ (thesis §3.3.1). The negative log-likelihood keeps the N·log γ term: it is what drives γ down.
     """
 
-    def __init__(self, kind: str = "laplace", gamma: float = 1.0, learn_gamma: bool = False,
-                 gamma_min: float = 0.0):
+    def __init__(self, kind: str = "laplace", gamma: float = 1.0, learn_gamma: bool = False, gamma_min: float = 0.0):
         super().__init__()
         if kind not in ("laplace", "gaussian"):
             raise ValueError(f"unknown likelihood {kind!r} (expected 'laplace' or 'gaussian')")

@@ -18,8 +18,15 @@ class ConvDS(nn.Module):
     edge replication, since reflection needs at least pad+1 pixels.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 5, stride: int = 2, gdn: bool = False,
-                 leaky_slope: float | None = None):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int = 5,
+        stride: int = 2,
+        gdn: bool = False,
+        leaky_slope: float | None = None,
+    ):
         super().__init__()
         self.pad = (kernel - 1) // 2
         self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride)
@@ -41,8 +48,15 @@ class DeconvUS(nn.Module):
     """Decoder block, the transpose of a ConvDS: optional IGDN, optional leaky ReLU, then a k×k
     transposed conv that multiplies the size by `stride` exactly (stride 1 is a plain same conv)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 5, stride: int = 2, igdn: bool = False,
-                 leaky_slope: float | None = None):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int = 5,
+        stride: int = 2,
+        igdn: bool = False,
+        leaky_slope: float | None = None,
+    ):
         super().__init__()
         self.igdn = GDN(in_ch, inverse=True) if igdn else None
         self.leaky_slope = leaky_slope
@@ -62,8 +76,9 @@ class DeconvUS(nn.Module):
 
 def analysis_body(channels: int) -> nn.ModuleList:
     """e1–e3 of the thesis level-1 encoder: three 5×5 stride-2 convs with GDN (3 → N → N → N)."""
-    return nn.ModuleList([ConvDS(3, channels, gdn=True), ConvDS(channels, channels, gdn=True),
-                          ConvDS(channels, channels, gdn=True)])
+    return nn.ModuleList(
+        [ConvDS(3, channels, gdn=True), ConvDS(channels, channels, gdn=True), ConvDS(channels, channels, gdn=True)]
+    )
 
 
 def synthesis(latents: int, channels: int) -> nn.Sequential:

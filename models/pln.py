@@ -52,9 +52,26 @@ class LadderVAE(LatentVariableModel):
         self.g_s = synthesis(f, n)
         # the level-2 posterior scale's floor, as a Python float holding the float32 value (any device)
         self.min_scale2 = torch.tensor(cfg.log_scale_min).exp().item()
-        self.condition_on_beta({"g_a0": n, "g_a1": n, "g_a2": n, "loc1": f, "scale1": f, "h_a0": m, "h_a1": m,
-                                "loc2": g, "scale2": g, "h_s0": m, "h_s1": m, "prior_loc": f, "prior_scale": f,
-                                "g_s0": n, "g_s1": n, "g_s2": n})
+        self.condition_on_beta(
+            {
+                "g_a0": n,
+                "g_a1": n,
+                "g_a2": n,
+                "loc1": f,
+                "scale1": f,
+                "h_a0": m,
+                "h_a1": m,
+                "loc2": g,
+                "scale2": g,
+                "h_s0": m,
+                "h_s1": m,
+                "prior_loc": f,
+                "prior_scale": f,
+                "g_s0": n,
+                "g_s1": n,
+                "g_s2": n,
+            }
+        )
 
     def latent_shape(self, level: int, height: int, width: int) -> tuple[int, int, int]:
         ph, pw = self.pad_size(height, width)
@@ -86,8 +103,10 @@ class LadderVAE(LatentVariableModel):
         w = self.beta_weights(beta, z_above)
         d = self.film("h_s0", self.h_s[0](z_above), w)
         d = self.film("h_s1", self.h_s[1](d), w)
-        return (self.film("prior_loc", self.prior_loc_head(d), w).float(),
-                bounded_scale(self.film("prior_scale", self.prior_scale_head(d), w), self.cfg))
+        return (
+            self.film("prior_loc", self.prior_loc_head(d), w).float(),
+            bounded_scale(self.film("prior_scale", self.prior_scale_head(d), w), self.cfg),
+        )
 
     def posterior(self, level, feats, p_loc, p_scale):
         if level == 2:

@@ -10,7 +10,6 @@ Args:
     cfg: ModelConfig with arch="vae"; uses channels (N), latents (F), likelihood and γ settings.
 """
 
-
 from torch import Tensor
 
 from .base import LatentVariableModel, bounded_scale
@@ -29,8 +28,9 @@ class GaussianVAE(LatentVariableModel):
         self.scale_head = ConvDS(cfg.channels, cfg.latents)
         self.g_s = synthesis(cfg.latents, cfg.channels)
         n, f = cfg.channels, cfg.latents
-        self.condition_on_beta({"g_a0": n, "g_a1": n, "g_a2": n, "loc1": f, "scale1": f,
-                                "g_s0": n, "g_s1": n, "g_s2": n})
+        self.condition_on_beta(
+            {"g_a0": n, "g_a1": n, "g_a2": n, "loc1": f, "scale1": f, "g_s0": n, "g_s1": n, "g_s2": n}
+        )
 
     def latent_shape(self, level: int, height: int, width: int) -> tuple[int, int, int]:
         ph, pw = self.pad_size(height, width)
@@ -41,8 +41,10 @@ class GaussianVAE(LatentVariableModel):
         h = x
         for i, layer in enumerate(self.g_a):
             h = self.film(f"g_a{i}", layer(h), w)
-        return {"loc1": self.film("loc1", self.loc_head(h), w).float(),
-                "scale1": bounded_scale(self.film("scale1", self.scale_head(h), w), self.cfg)}
+        return {
+            "loc1": self.film("loc1", self.loc_head(h), w).float(),
+            "scale1": bounded_scale(self.film("scale1", self.scale_head(h), w), self.cfg),
+        }
 
     def prior(self, level, z_above, shape, beta=None):
         return self.standard_prior(shape, z_above)

@@ -49,27 +49,49 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.target:
             t0 = time.perf_counter()
             data, _, stats = compress_to_bpp(
-                lambda b: api.compress_image(model, img, model_ref=ref, params=args.coder, beta=b),
-                model, x, target)
-            rows.append({"image": path.name, "target_bpp": target, "bpp": stats["bpp"],
-                         "error": stats["bpp"] / target - 1, "beta": stats["beta"], "files_coded": stats["attempts"],
-                         "seconds": time.perf_counter() - t0})
+                lambda b: api.compress_image(model, img, model_ref=ref, params=args.coder, beta=b), model, x, target
+            )
+            rows.append(
+                {
+                    "image": path.name,
+                    "target_bpp": target,
+                    "bpp": stats["bpp"],
+                    "error": stats["bpp"] / target - 1,
+                    "beta": stats["beta"],
+                    "files_coded": stats["attempts"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
     summary = {}
     for target in args.target:
         mine = [r for r in rows if r["target_bpp"] == target]
         summary[str(target)] = {
-            "images": len(mine), "within_tolerance": sum(abs(r["error"]) <= BPP_TOLERANCE for r in mine),
+            "images": len(mine),
+            "within_tolerance": sum(abs(r["error"]) <= BPP_TOLERANCE for r in mine),
             "max_abs_error": max(abs(r["error"]) for r in mine),
             "mean_files_coded": sum(r["files_coded"] for r in mine) / len(mine),
-            "median_seconds": sorted(r["seconds"] for r in mine)[len(mine) // 2]}
-    doc = {"source": "bench_bpp", "model": ref.name, "coder": args.coder, "tolerance": BPP_TOLERANCE,
-           "dataset": Path(args.data).name, "threads": args.threads, "torch": torch.__version__,
-           "machine": platform.machine(), "summary": summary, "rows": rows}
+            "median_seconds": sorted(r["seconds"] for r in mine)[len(mine) // 2],
+        }
+    doc = {
+        "source": "bench_bpp",
+        "model": ref.name,
+        "coder": args.coder,
+        "tolerance": BPP_TOLERANCE,
+        "dataset": Path(args.data).name,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "summary": summary,
+        "rows": rows,
+    }
     write_results(args.output, doc)
     for target, s in summary.items():
-        print(f"target {target} bpp: {s['within_tolerance']}/{s['images']} within {100 * BPP_TOLERANCE:g} %, "
-              f"max |error| {100 * s['max_abs_error']:.1f} %, {s['mean_files_coded']:.2f} files coded per image, "
-              f"median {s['median_seconds']:.1f} s", file=sys.stderr)
+        print(
+            f"target {target} bpp: {s['within_tolerance']}/{s['images']} within {100 * BPP_TOLERANCE:g} %, "
+            f"max |error| {100 * s['max_abs_error']:.1f} %, {s['mean_files_coded']:.2f} files coded per image, "
+            f"median {s['median_seconds']:.1f} s",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -122,9 +122,7 @@ class PillowCodec:
         lib = {"jpg": "libjpeg_turbo", "webp": "webp", "avif": "avif"}[self.feature]
         return f"Pillow {Image.__version__}, {lib} {features.version(lib)}"
 
-    def run(
-        self, img: np.ndarray, quality: int
-    ) -> tuple[np.ndarray, int, float, float]:
+    def run(self, img: np.ndarray, quality: int) -> tuple[np.ndarray, int, float, float]:
         """Returns (reconstruction, encoded bytes, encode seconds, decode seconds)."""
         im = Image.fromarray(img)
         buf = io.BytesIO()
@@ -151,9 +149,7 @@ class BPGCodec:
         self.enc = shutil.which(bpgenc or "bpgenc")
         self.dec = shutil.which(bpgdec or "bpgdec")
         if not (self.enc and self.dec):
-            missing = " and ".join(
-                n for n, p in (("bpgenc", self.enc), ("bpgdec", self.dec)) if not p
-            )
+            missing = " and ".join(n for n, p in (("bpgenc", self.enc), ("bpgdec", self.dec)) if not p)
             raise UsageError(
                 f"{missing} not found (not on PATH and not given by --bpgenc/--bpgdec; "
                 f"libbpg is not packaged in Debian/PyPI). Use the published BPG curve "
@@ -163,15 +159,11 @@ class BPGCodec:
 
     @property
     def version(self) -> str:
-        out = subprocess.run(
-            [self.enc, "-h"], check=False, capture_output=True, text=True
-        )
+        out = subprocess.run([self.enc, "-h"], check=False, capture_output=True, text=True)
         first = (out.stdout or out.stderr).strip().splitlines()
         return first[0] if first else "bpgenc (unknown version)"
 
-    def run(
-        self, img: np.ndarray, quality: int
-    ) -> tuple[np.ndarray, int, float, float]:
+    def run(self, img: np.ndarray, quality: int) -> tuple[np.ndarray, int, float, float]:
         src, bits, out = self.tmp / "in.png", self.tmp / "out.bpg", self.tmp / "out.ppm"
         Image.fromarray(img).save(src)
         cmd = [
@@ -193,9 +185,7 @@ class BPGCodec:
         t0 = time.perf_counter()
         subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
         t1 = time.perf_counter()
-        subprocess.run(
-            [self.dec, "-o", str(out), str(bits)], check=True, capture_output=True
-        )
+        subprocess.run([self.dec, "-o", str(out), str(bits)], check=True, capture_output=True)
         t2 = time.perf_counter()
         rec = load_rgb(out)
         return rec, bits.stat().st_size, t1 - t0, t2 - t1
@@ -213,9 +203,7 @@ def make_codec(args: argparse.Namespace):
 # ---------------------------------------------------------------------- benchmark
 
 
-def bench(
-    codec, images: dict[str, np.ndarray], qualities: list[int], progress: bool = True
-) -> tuple[dict, dict]:
+def bench(codec, images: dict[str, np.ndarray], qualities: list[int], progress: bool = True) -> tuple[dict, dict]:
     """Code every image at every quality; returns (results, per_image).
 
     results[k][i]: mean over images at qualities[i]; per_image[name][k][i]: one image.
@@ -243,18 +231,13 @@ def bench(
                 per_image[name][k].append(row[k])
             bar.update(1)
     bar.close()
-    results = {
-        k: [mean([per_image[n][k][i] for n in images]) for i in range(len(qualities))]
-        for k in keys
-    }
+    results = {k: [mean([per_image[n][k][i] for n in images]) for i in range(len(qualities))] for k in keys}
     return results, per_image
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data", required=True, help="folder of images (searched recursively)"
-    )
+    p.add_argument("--data", required=True, help="folder of images (searched recursively)")
     p.add_argument("--codec", required=True, choices=sorted(DEFAULT_QUALITIES))
     p.add_argument(
         "--qualities",
@@ -265,14 +248,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--bpgenc", help="path to bpgenc (default: from PATH)")
     p.add_argument("--bpgdec", help="path to bpgdec (default: from PATH)")
-    p.add_argument(
-        "--per-image", action="store_true", help="also store per-image values"
-    )
+    p.add_argument("--per-image", action="store_true", help="also store per-image values")
     p.add_argument("--name", help="curve name (default: the codec's label)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
-    p.add_argument(
-        "-o", "--output", help="write the results JSON here (also printed to stdout)"
-    )
+    p.add_argument("-o", "--output", help="write the results JSON here (also printed to stdout)")
     return p.parse_args(argv)
 
 
@@ -285,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"data folder not found: {data}")
         paths = find_images(data)
         if not paths:
-            raise UsageError(
-                f"no images found under {data} (looked for {' '.join(IMAGE_EXTS)})"
-            )
+            raise UsageError(f"no images found under {data} (looked for {' '.join(IMAGE_EXTS)})")
         qualities = args.qualities or DEFAULT_QUALITIES[args.codec]
         top = 51 if args.codec == "bpg" else 100
         if not all(0 <= q <= top for q in qualities):
@@ -309,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         t0 = time.perf_counter()
-        results, per_image = bench(
-            codec, images, qualities, progress=not args.no_progress
-        )
+        results, per_image = bench(codec, images, qualities, progress=not args.no_progress)
         meta = {
             "source": "bench_codecs",
             "codec": args.codec,
@@ -339,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except subprocess.CalledProcessError as e:  # bpgenc/bpgdec failed
         msg = (e.stderr or b"").decode(errors="replace").strip().splitlines()
-        print(
-            f"error: {e.cmd[0]} exited with {e.returncode}: {msg[-1:]}", file=sys.stderr
-        )
+        print(f"error: {e.cmd[0]} exited with {e.returncode}: {msg[-1:]}", file=sys.stderr)
         return 1
     finally:
         if isinstance(codec, BPGCodec):

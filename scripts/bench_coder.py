@@ -68,8 +68,11 @@ def sample_stats(z, q_loc, q_scale, p_loc, p_scale, outlier_bits: float) -> dict
     m, v = standardise(q_loc, q_scale, p_loc, p_scale)
     coded = kl_nats(m, v) / math.log(2) <= outlier_bits
     r = ((z.double() - q_loc.double()) / q_scale.double()).flatten()[coded]
-    return {"resid_mean": r.mean().item(), "resid_var": r.var().item(),
-            "resid_var_robust": (r * r).median().item() / 0.4549}  # chi2_1 median = 0.4549
+    return {
+        "resid_mean": r.mean().item(),
+        "resid_var": r.var().item(),
+        "resid_var_robust": (r * r).median().item() / 0.4549,
+    }  # chi2_1 median = 0.4549
 
 
 def bench(preset: str, params: CoderParams, bpp: float, runs: int, device: str, seed: int = 1) -> dict:
@@ -79,13 +82,11 @@ def bench(preset: str, params: CoderParams, bpp: float, runs: int, device: str, 
     total_bits = bpp * PIXELS
     result = {"preset": preset, "target_kl_bpp": bpp, "levels": {}}
     for level in (2, 1):
-        ql, qs, pl, ps = (t.to(device) for t in synthetic_level(SHAPES[level],
-                                                                 LEVEL_SHARE[level] * total_bits, gen))
+        ql, qs, pl, ps = (t.to(device) for t in synthetic_level(SHAPES[level], LEVEL_SHARE[level] * total_bits, gen))
         enc_t, dec_t = [], []
         for _ in range(runs):
             t0 = time.perf_counter()
-            z, data, stats = encode_level(ql, qs, pl, ps, seed=seed, level=level, params=params,
-                                          return_stats=True)
+            z, data, stats = encode_level(ql, qs, pl, ps, seed=seed, level=level, params=params, return_stats=True)
             _sync(device)
             enc_t.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -96,15 +97,21 @@ def bench(preset: str, params: CoderParams, bpp: float, runs: int, device: str, 
                 raise SystemExit(f"level {level}: decoded sample differs from the encoder's")
         stats.pop("seconds")
         result["levels"][level] = {
-            **stats, "bits_over_kl": stats["bits"] / stats["kl_bits"],
-            "encode_s": statistics.median(enc_t), "decode_s": statistics.median(dec_t),
-            "encode_runs_s": enc_t, "decode_runs_s": dec_t,
-            **sample_stats(z, ql, qs, pl, ps, params.for_level(level).outlier_bits)}
+            **stats,
+            "bits_over_kl": stats["bits"] / stats["kl_bits"],
+            "encode_s": statistics.median(enc_t),
+            "decode_s": statistics.median(dec_t),
+            "encode_runs_s": enc_t,
+            "decode_runs_s": dec_t,
+            **sample_stats(z, ql, qs, pl, ps, params.for_level(level).outlier_bits),
+        }
     lv = result["levels"]
     result["total"] = {
-        "kl_bits": lv[1]["kl_bits"] + lv[2]["kl_bits"], "bits": lv[1]["bits"] + lv[2]["bits"],
+        "kl_bits": lv[1]["kl_bits"] + lv[2]["kl_bits"],
+        "bits": lv[1]["bits"] + lv[2]["bits"],
         "encode_s": lv[1]["encode_s"] + lv[2]["encode_s"],
-        "decode_s": lv[1]["decode_s"] + lv[2]["decode_s"]}
+        "decode_s": lv[1]["decode_s"] + lv[2]["decode_s"],
+    }
     result["total"]["bits_over_kl"] = result["total"]["bits"] / result["total"]["kl_bits"]
     result["total"]["bpp"] = result["total"]["bits"] / PIXELS
     return result
@@ -127,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bpp", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--presets", nargs="+", default=["thesis", "fast"])
-    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="change every preset's fields, e.g. level2.oversample_bits=1")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change every preset's fields, e.g. level2.oversample_bits=1",
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)  # on 2 shared cores 1 beats 2
     ap.add_argument("--out", default="results/bench_coder_cpu.json")
@@ -138,18 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     torch.set_num_threads(args.threads)
-    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "threads": args.threads,
-                          "device": args.device, "loadavg_before": _loadavg()},
-              "results": []}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "device": args.device,
+            "loadavg_before": _loadavg(),
+        },
+        "results": [],
+    }
     for preset in args.presets:
         for bpp in args.bpp:
             r = bench(preset, params[preset], bpp, args.runs, args.device)
             report["results"].append(r)
             t = r["total"]
-            print(f"{preset:7s} {bpp:.2f} bpp: enc {t['encode_s']:.2f}s dec {t['decode_s']:.3f}s "
-                  f"bits/KL total {t['bits_over_kl']:.3f} L1 {r['levels'][1]['bits_over_kl']:.3f} "
-                  f"L2 {r['levels'][2]['bits_over_kl']:.3f}", file=sys.stderr, flush=True)
+            print(
+                f"{preset:7s} {bpp:.2f} bpp: enc {t['encode_s']:.2f}s dec {t['decode_s']:.3f}s "
+                f"bits/KL total {t['bits_over_kl']:.3f} L1 {r['levels'][1]['bits_over_kl']:.3f} "
+                f"L2 {r['levels'][2]['bits_over_kl']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     report["machine"]["loadavg_after"] = _loadavg()
     report["overrides"] = args.set
     report["params"] = {p: params[p].to_dict() for p in args.presets}

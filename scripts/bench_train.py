@@ -53,11 +53,17 @@ def measure(config: str, steps: int, warmup: int, device: str, overrides: list[s
         if i >= warmup:
             times.append(time.perf_counter() - start)
     result = {
-        "config": config, "arch": model_cfg.arch,
+        "config": config,
+        "arch": model_cfg.arch,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "batch_size": cfg.batch_size, "crop": cfg.crop, "precision": "bf16 autocast" if bf16 else "fp32",
-        "device": device, "threads": torch.get_num_threads(), "step_s": [round(t, 3) for t in times],
-        "median_step_s": round(statistics.median(times), 3), "steps_per_s": round(1 / statistics.median(times), 3),
+        "batch_size": cfg.batch_size,
+        "crop": cfg.crop,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "step_s": [round(t, 3) for t in times],
+        "median_step_s": round(statistics.median(times), 3),
+        "steps_per_s": round(1 / statistics.median(times), 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
     if dev.type == "cuda":
@@ -83,9 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = []
     for config in args.configs:
-        cmd = [sys.executable, "-m", "scripts.bench_train", "--configs", config, "--child", config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "-o", os.devnull,
-               *[a for k in ("batch_size", "crop") if (v := getattr(args, k)) is not None for a in (f"--{k}", str(v))]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.bench_train",
+            "--configs",
+            config,
+            "--child",
+            config,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+            "-o",
+            os.devnull,
+            *[a for k in ("batch_size", "crop") if (v := getattr(args, k)) is not None for a in (f"--{k}", str(v))],
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"bench_train: error: {config} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -94,8 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runs[-1]), file=sys.stderr)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    report = {"machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "loadavg_at_end": load}, "runs": runs}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "loadavg_at_end": load,
+        },
+        "runs": runs,
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -22,8 +22,9 @@ def sample_photo() -> Path:
     try:
         import skimage
     except ImportError:
-        raise SystemExit("demo: error: scikit-image is not installed (pip install -e '.[demo]'), "
-                         "or pass --image PATH") from None
+        raise SystemExit(
+            "demo: error: scikit-image is not installed (pip install -e '.[demo]'), or pass --image PATH"
+        ) from None
     return Path(skimage.__file__).parent / "data" / "astronaut.png"
 
 
@@ -45,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     original, _ = load_image(image)
     decoded, _ = load_image(png)
     bpp = 8 * rec.stat().st_size / (original.shape[0] * original.shape[1])
-    print(f"demo: {rec.name}: {rec.stat().st_size} bytes, {bpp:.3f} bpp; decoded {png.name}: "
-          f"PSNR {psnr(original, decoded):.2f} dB")
+    print(
+        f"demo: {rec.name}: {rec.stat().st_size} bytes, {bpp:.3f} bpp; decoded {png.name}: "
+        f"PSNR {psnr(original, decoded):.2f} dB"
+    )
     return 0
 
 

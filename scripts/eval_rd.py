@@ -58,8 +58,7 @@ from codec.image import to_tensor, to_uint8
 from codec.params import CoderParams
 from codec.rate import QUALITY_LEVELS
 from models import LatentVariableModel, gaussian_kl, load_model
-from scripts.rd_common import IMAGE_EXTS, dumps, find_images, image_metrics, load_rgb, make_results, mean, \
-    write_results
+from scripts.rd_common import IMAGE_EXTS, dumps, find_images, image_metrics, load_rgb, make_results, mean, write_results
 
 LN2 = math.log(2.0)
 DISTORTION_KEYS = ("psnr-rgb", "ms-ssim-rgb")
@@ -84,8 +83,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 @torch.inference_mode()
-def ideal_pass(model: LatentVariableModel, img: np.ndarray, seed: int, device: torch.device,
-               beta: float | None = None) -> dict:
+def ideal_pass(
+    model: LatentVariableModel, img: np.ndarray, seed: int, device: torch.device, beta: float | None = None
+) -> dict:
     """Coder-free pass: KL (nats, all levels) with an exact posterior sample, and the 8-bit
     reconstructions of that sample and of the posterior mean."""
     x = to_tensor(img, device)  # (1, 3, H, W)
@@ -109,20 +109,27 @@ def ideal_pass(model: LatentVariableModel, img: np.ndarray, seed: int, device: t
     return out
 
 
-def eval_image(model, ref: ModelRef, store: ModelStore, img: np.ndarray, rec_path: Path,
-               args, beta: float | None = None) -> tuple[dict, dict, dict]:
+def eval_image(
+    model, ref: ModelRef, store: ModelStore, img: np.ndarray, rec_path: Path, args, beta: float | None = None
+) -> tuple[dict, dict, dict]:
     """Returns (actual metrics, ideal metrics per IDEAL key, mismatch info)."""
     pixels = img.shape[0] * img.shape[1]
     t0 = time.perf_counter()
-    data, predicted, stats = api.compress_image(model, img, model_ref=ref, seed=args.seed, params=args.params,
-                                                device=args.device, beta=beta)
+    data, predicted, stats = api.compress_image(
+        model, img, model_ref=ref, seed=args.seed, params=args.params, device=args.device, beta=beta
+    )
     write_atomic(rec_path, data)
     t1 = time.perf_counter()
     decoded, _ = api.decompress(rec_path.read_bytes(), store, device=args.device)
     t2 = time.perf_counter()
     size = rec_path.stat().st_size
-    actual = {"bpp": 8.0 * size / pixels, **image_metrics(img, decoded), "encoding_time": t1 - t0,
-              "decoding_time": t2 - t1, "kl-bpp": stats["kl_bpp"]}
+    actual = {
+        "bpp": 8.0 * size / pixels,
+        **image_metrics(img, decoded),
+        "encoding_time": t1 - t0,
+        "decoding_time": t2 - t1,
+        "kl-bpp": stats["kl_bpp"],
+    }
     diff = np.abs(decoded.astype(np.int16) - predicted.astype(np.int16))
     mismatch = {"samples": int((diff != 0).sum()), "max_abs_diff": int(diff.max()) if diff.size else 0}
 
@@ -185,8 +192,15 @@ def rate_points(model: LatentVariableModel, ref: ModelRef, args) -> list[tuple[s
         raise UsageError(f"{ref.name}: {e}") from None
 
 
-def eval_model(path: Path, model: LatentVariableModel, info: dict, images: dict[str, np.ndarray],
-               rec_dir: Path, args, point: tuple[str, float | None] | None = None) -> dict:
+def eval_model(
+    path: Path,
+    model: LatentVariableModel,
+    info: dict,
+    images: dict[str, np.ndarray],
+    rec_dir: Path,
+    args,
+    point: tuple[str, float | None] | None = None,
+) -> dict:
     """All images through one model (at one β for a variable-rate model): per-image rows for the actual
     and ideal curves."""
     ref = ModelRef.of_file(path)
@@ -206,14 +220,25 @@ def eval_model(path: Path, model: LatentVariableModel, info: dict, images: dict[
             for k in r:
                 ideal[key][k][image] = r[k]
         if mismatch["samples"]:
-            tqdm.write(f"error: {name}: {image}: the DECODED image differs from the encoder's prediction in "
-                       f"{mismatch['samples']} of {img.size} samples (max |diff| {mismatch['max_abs_diff']})",
-                       file=sys.stderr)
+            tqdm.write(
+                f"error: {name}: {image}: the DECODED image differs from the encoder's prediction in "
+                f"{mismatch['samples']} of {img.size} samples (max |diff| {mismatch['max_abs_diff']})",
+                file=sys.stderr,
+            )
             mismatches.append({"model": name, "image": image, **mismatch})
         bar.set_postfix(bpp=f"{row['bpp']:.3f}", psnr=f"{row['psnr-rgb']:.2f}")
-    return {"name": name, "path": str(path), "sha256": ref.sha256.hex(), "beta": beta, "arch": info.get("arch"),
-            "config": info.get("config"), "model_meta": info.get("meta", {}), "actual": actual,
-            "ideal": ideal, "mismatches": mismatches}
+    return {
+        "name": name,
+        "path": str(path),
+        "sha256": ref.sha256.hex(),
+        "beta": beta,
+        "arch": info.get("arch"),
+        "config": info.get("config"),
+        "model_meta": info.get("meta", {}),
+        "actual": actual,
+        "ideal": ideal,
+        "mismatches": mismatches,
+    }
 
 
 def _curve(rows: dict[str, dict[str, float]], order: list[int], per_model: list) -> tuple[dict, dict]:
@@ -227,48 +252,67 @@ def _curve(rows: dict[str, dict[str, float]], order: list[int], per_model: list)
 def default_name(names: list[str], coder: str) -> str:
     """The models' common name, cut at a whole `-`/`_`/`.` token: pln-cpu-b4-…, pln-cpu-b1.5-… -> pln-cpu."""
     prefix = os.path.commonprefix(names)
-    if any(n[len(prefix):][:1] not in ("", "-", "_", ".") for n in names):  # it ends mid-token
+    if any(n[len(prefix) :][:1] not in ("", "-", "_", ".") for n in names):  # it ends mid-token
         prefix = prefix[: max(map(prefix.rfind, "-_.")) + 1]  # back to the last separator ('' if none)
     return f"{prefix.rstrip('-_.') or ' + '.join(names)} (REC {coder})"
 
 
 def build_doc(evals: list[dict], images: dict, n_available: int, args, wall_s: float) -> dict:
-    order = sorted(range(len(evals)),  # by rate; by name on a tie, whatever order the models ran in
-                   key=lambda i: (mean(list(evals[i]["actual"]["bpp"].values())), evals[i]["name"]))
+    order = sorted(
+        range(len(evals)),  # by rate; by name on a tie, whatever order the models ran in
+        key=lambda i: (mean(list(evals[i]["actual"]["bpp"].values())), evals[i]["name"]),
+    )
     name = args.name or default_name([e["name"] for e in evals], args.coder_label)
     results, per_image = _curve(evals[0]["actual"], order, [e["actual"] for e in evals])
     ideal_curves = []
     for key, (suffix, rate, src) in IDEAL.items():
         r, p = _curve(evals[0]["ideal"][key], order, [e["ideal"][key] for e in evals])
-        rate_text = ("KL bits" if rate == "kl" else "(KL + 2 ln(KL+1)) / ln 2 bits, KL in nats per image")
-        curve = {"name": f"{name} {suffix}", "kind": "ideal",
-                 "description": f"rate = {rate_text} / (H W); distortion of the posterior {src} "
-                                f"(exact, no coder; z2 ~ q exactly, seed {args.seed})", "results": r}
+        rate_text = "KL bits" if rate == "kl" else "(KL + 2 ln(KL+1)) / ln 2 bits, KL in nats per image"
+        curve = {
+            "name": f"{name} {suffix}",
+            "kind": "ideal",
+            "description": f"rate = {rate_text} / (H W); distortion of the posterior {src} "
+            f"(exact, no coder; z2 ~ q exactly, seed {args.seed})",
+            "results": r,
+        }
         if args.per_image:
             curve["per_image"] = p
         ideal_curves.append(curve)
     mismatches = [m for e in evals for m in e["mismatches"]]
     meta = {
         "source": "eval_rd",
-        "models": [{k: evals[i].get(k) for k in ("name", "path", "sha256", "beta", "arch", "config", "model_meta")}
-                   for i in order],  # one per RD point, in the order of the lists
-        "coder": args.coder, "coder_overrides": args.coder_set, "coder_params": args.params.to_dict(),
+        "models": [
+            {k: evals[i].get(k) for k in ("name", "path", "sha256", "beta", "arch", "config", "model_meta")}
+            for i in order
+        ],  # one per RD point, in the order of the lists
+        "coder": args.coder,
+        "coder_overrides": args.coder_set,
+        "coder_params": args.params.to_dict(),
         "seed": args.seed,
-        "device": args.device, "torch_threads": torch.get_num_threads(), "dataset": Path(args.data).name,
-        "n_images": len(images), "n_images_available": n_available, "limit": args.limit,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "dataset": Path(args.data).name,
+        "n_images": len(images),
+        "n_images_available": n_available,
+        "limit": args.limit,
         "images": list(images),
         "bpp": "size of the .rec file (header included) * 8 / (H * W), mean over images",
         "kl-bpp": "the coder's KL target (level 1 given the CODED z2), bits / (H * W)",
         "metrics": "on the DECODED 8-bit RGB image; PSNR and MS-SSIM means over images, "
-                   "ms-ssim-db-rgb of the mean MS-SSIM",
+        "ms-ssim-db-rgb of the mean MS-SSIM",
         "timing": "mean seconds per image; encode = compress + write, decode = read + decompress",
         "decode_mismatches": mismatches,
-        "wall_s": wall_s, "python": platform.python_version(), "torch": torch.__version__,
+        "wall_s": wall_s,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
     }
-    desc = (f"REC ({args.coder_label}) over {len(evals)} model(s), real .rec files; "
-            f"{len(images)} of {n_available} images of {Path(args.data).name}")
-    return make_results(name, desc, results, meta=meta, ideal_curves=ideal_curves,
-                        per_image=per_image if args.per_image else None)
+    desc = (
+        f"REC ({args.coder_label}) over {len(evals)} model(s), real .rec files; "
+        f"{len(images)} of {n_available} images of {Path(args.data).name}"
+    )
+    return make_results(
+        name, desc, results, meta=meta, ideal_curves=ideal_curves, per_image=per_image if args.per_image else None
+    )
 
 
 def earlier_evals(path: Path, images: dict, args) -> tuple[list[dict], float]:
@@ -285,8 +329,14 @@ def earlier_evals(path: Path, images: dict, args) -> tuple[list[dict], float]:
     curves = doc.get("ideal_curves", [])
     if per_image is None or len(curves) != len(IDEAL) or any("per_image" not in c for c in curves):
         raise UsageError(f"--add-to {path}: has no per-image values (written without --per-image)")
-    wanted = {"images": list(images), "coder": args.coder, "coder_params": args.params.to_dict(),
-              "seed": args.seed, "device": args.device, "torch_threads": args.threads}
+    wanted = {
+        "images": list(images),
+        "coder": args.coder,
+        "coder_params": args.params.to_dict(),
+        "seed": args.seed,
+        "device": args.device,
+        "torch_threads": args.threads,
+    }
     for key, value in wanted.items():
         if meta.get(key) != value:
             raise UsageError(f"--add-to {path}: its {key} differs from this run's")
@@ -294,10 +344,18 @@ def earlier_evals(path: Path, images: dict, args) -> tuple[list[dict], float]:
     try:
         for i, m in enumerate(meta["models"]):
             actual = {k: {img: per_image[img][k][i] for img in images} for k in ACTUAL_KEYS}
-            ideal = {key: {k: {img: c["per_image"][img][k][i] for img in images}
-                           for k in ("bpp", *DISTORTION_KEYS)} for key, c in zip(IDEAL, curves)}
-            evals.append({**m, "actual": actual, "ideal": ideal,
-                          "mismatches": [x for x in meta["decode_mismatches"] if x["model"] == m["name"]]})
+            ideal = {
+                key: {k: {img: c["per_image"][img][k][i] for img in images} for k in ("bpp", *DISTORTION_KEYS)}
+                for key, c in zip(IDEAL, curves)
+            }
+            evals.append(
+                {
+                    **m,
+                    "actual": actual,
+                    "ideal": ideal,
+                    "mismatches": [x for x in meta["decode_mismatches"] if x["model"] == m["name"]],
+                }
+            )
         return evals, float(meta["wall_s"])
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise UsageError(f"--add-to {path}: incomplete results file (missing {e})") from None
@@ -308,13 +366,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="folder of images (searched recursively)")
     p.add_argument("--model", required=True, nargs="+", metavar="M", help="model files, names or hashes")
     p.add_argument("--coder", default="thesis", choices=PRESETS, help="coder preset")
-    p.add_argument("--coder-set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="change preset fields, e.g. level1.steps=20 level2.decay_choices=[] level2.shard_decay=0.85 "
-                        "(an empty decay_choices fixes the decay; see codec/params.py)")
+    p.add_argument(
+        "--coder-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change preset fields, e.g. level1.steps=20 level2.decay_choices=[] level2.shard_decay=0.85 "
+        "(an empty decay_choices fixes the decay; see codec/params.py)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="file seed of the coder and seed of the ideal sample")
-    p.add_argument("--quality", type=int, nargs="+", default=list(range(1, QUALITY_LEVELS + 1)), metavar="N",
-                   help=f"variable-rate models: the quality levels to evaluate (default: 1 to {QUALITY_LEVELS})")
+    p.add_argument(
+        "--quality",
+        type=int,
+        nargs="+",
+        default=list(range(1, QUALITY_LEVELS + 1)),
+        metavar="N",
+        help=f"variable-rate models: the quality levels to evaluate (default: 1 to {QUALITY_LEVELS})",
+    )
     p.add_argument("--beta", type=float, nargs="+", metavar="B", help="variable-rate models: these β instead")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by path)")
     p.add_argument("--per-image", action="store_true", help="also store per-image values")
@@ -323,8 +392,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
     p.add_argument("-o", "--output", help="write the results JSON here (also printed to stdout)")
-    p.add_argument("--add-to", metavar="FILE", help="add the new points to this earlier --per-image "
-                   "results file of the same images, coder, seed, device and threads (implies --per-image)")
+    p.add_argument(
+        "--add-to",
+        metavar="FILE",
+        help="add the new points to this earlier --per-image "
+        "results file of the same images, coder, seed, device and threads (implies --per-image)",
+    )
     args = p.parse_args(argv)
     args.per_image = args.per_image or bool(args.add_to)
     if args.limit is not None and args.limit < 1:
@@ -353,16 +426,18 @@ def main(argv: list[str] | None = None) -> int:
         images, n_available = load_images(Path(args.data), args.limit)
         models = resolve_models(args.model, args.device)
         earlier, earlier_s = earlier_evals(Path(args.add_to), images, args) if args.add_to else ([], 0.0)
-        points = [(m, point) for m in models
-                  for point in rate_points(m[1], ModelRef.of_file(m[0]), args)]
+        points = [(m, point) for m in models for point in rate_points(m[1], ModelRef.of_file(m[0]), args)]
         held = {e["name"] for e in earlier}
         for (path, _, _), (name, _) in points:
             if name in held:
                 what = f"model {path.name}" if name == path.stem else name
                 raise UsageError(f"--add-to {args.add_to}: already holds {what}")
-        print(f"[eval_rd] {len(points)} point(s) of {len(models)} model(s), {len(images)} of {n_available} images, "
-              f"coder {args.coder_label}, "
-              f"device {args.device}", file=sys.stderr)
+        print(
+            f"[eval_rd] {len(points)} point(s) of {len(models)} model(s), {len(images)} of {n_available} images, "
+            f"coder {args.coder_label}, "
+            f"device {args.device}",
+            file=sys.stderr,
+        )
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="eval_rd_") as tmp:
             rec_dir = Path(args.rec_dir) if args.rec_dir else Path(tmp)
@@ -382,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     print(dumps(doc))
     bad = doc["meta"]["decode_mismatches"]
     if bad:
-        print(f"eval_rd.py: error: {len(bad)} decoded image(s) differ from the encoder's prediction "
-              f"(see meta.decode_mismatches)", file=sys.stderr)
+        print(
+            f"eval_rd.py: error: {len(bad)} decoded image(s) differ from the encoder's prediction "
+            f"(see meta.decode_mismatches)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

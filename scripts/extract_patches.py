@@ -20,13 +20,14 @@ from tqdm import tqdm
 from training.data import DataError, list_images, read_training_image
 
 
-def patches_of(img: np.ndarray, crop: int, coef: int, rng: np.random.Generator,
-               per_image: int | None = None) -> list[np.ndarray]:
+def patches_of(
+    img: np.ndarray, crop: int, coef: int, rng: np.random.Generator, per_image: int | None = None
+) -> list[np.ndarray]:
     h, w = img.shape[:2]
     count = coef * (h // crop) * (w // crop) if per_image is None else per_image * (min(h, w) >= crop)
     tops = rng.integers(0, h - crop + 1, count)
     lefts = rng.integers(0, w - crop + 1, count)
-    return [img[top:top + crop, left:left + crop] for top, left in zip(tops, lefts)]
+    return [img[top : top + crop, left : left + crop] for top, left in zip(tops, lefts)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,18 +98,25 @@ def make_corpus(folder: Path) -> tuple[list[bytes], object]:
     store = ModelStore(dirs=[folder])
     files = []
     for arch, sizes in (("pln", [(37, 53), (1, 1)]), ("vae", [(17, 30)])):
-        cfg = ModelConfig(arch=arch, channels=16, latents=8, level2_channels=8, level2_latents=4,
-                          log_scale_min=-4.0)  # small scales: some KL, so real indices get coded
+        cfg = ModelConfig(
+            arch=arch, channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-4.0
+        )  # small scales: some KL, so real indices get coded
         model, ref = store.load(save_model(build_model(cfg), folder, "fuzz"))
         for h, w in sizes:
             x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            files.append(compress_image(model, x, model_ref=ref, seed=int(rng.integers(1 << 62)),
-                                        params="fast")[0])
+            files.append(compress_image(model, x, model_ref=ref, seed=int(rng.integers(1 << 62)), params="fast")[0])
     return files, store
 
 
-def fuzz(files: list[bytes], resolve, cases: int, seed: int, recrc_share: float = 0.25,
-         timeout_s: float = 10.0, max_pixels: int = 1 << 16) -> dict:
+def fuzz(
+    files: list[bytes],
+    resolve,
+    cases: int,
+    seed: int,
+    recrc_share: float = 0.25,
+    timeout_s: float = 10.0,
+    max_pixels: int = 1 << 16,
+) -> dict:
     """Run `cases` mutations; returns {"cases", "outcomes", "max_seconds"}; raises on a failure."""
     rng = np.random.default_rng(seed)
     outcomes: dict[str, int] = {}
@@ -126,8 +133,7 @@ def fuzz(files: list[bytes], resolve, cases: int, seed: int, recrc_share: float 
         try:
             outcome = run_case(data, resolve, recrc, timeout_s, max_pixels)
         except BaseException as e:
-            raise AssertionError(f"case {i} ({what}{', CRC fixed' if recrc else ''}): "
-                                 f"{type(e).__name__}: {e}") from e
+            raise AssertionError(f"case {i} ({what}{', CRC fixed' if recrc else ''}): {type(e).__name__}: {e}") from e
         worst = max(worst, time.perf_counter() - t0)
         key = ("recrc " if recrc else "raw ") + outcome
         outcomes[key] = outcomes.get(key, 0) + 1

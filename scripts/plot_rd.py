@@ -116,9 +116,7 @@ def plot(
         else:
             colour = colours[len(parent_colour) % len(colours)]
             parent_colour[c["name"]] = colour
-        label = c["name"] + (
-            " (ideal)" if c["kind"] == "ideal" and "ideal" not in c["name"] else ""
-        )
+        label = c["name"] + (" (ideal)" if c["kind"] == "ideal" and "ideal" not in c["name"] else "")
         label += "  [BD ref]" if c["name"] == ref_name and c["kind"] != "ideal" else ""
         ax.plot(x, y, label=label, **style(c, colour))
         lo, hi = xlim or (-math.inf, math.inf)
@@ -132,9 +130,7 @@ def plot(
         ax.set_ylim(min(ys_visible) - pad, max(ys_visible) + pad)
     ax.set_xlabel("bits per pixel [bpp]")
     ax.set_ylabel(AXIS_LABEL[metric])
-    ax.set_title(
-        title or f"Rate-distortion ({'PSNR' if metric == 'psnr' else 'MS-SSIM'})"
-    )
+    ax.set_title(title or f"Rate-distortion ({'PSNR' if metric == 'psnr' else 'MS-SSIM'})")
     ax.grid(True, alpha=0.35)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
@@ -164,9 +160,7 @@ def format_table(rows: list[dict], ref_name: str) -> str:
         "  ".join(["curve".ljust(width)] + [c[0].rjust(len(c[0])) for c in cols]),
     ]
     for name, r in zip(names, rows):
-        cells = [
-            f(r.get(key), fmt, unit).rjust(len(head)) for head, key, fmt, unit in cols
-        ]
+        cells = [f(r.get(key), fmt, unit).rjust(len(head)) for head, key, fmt, unit in cols]
         lines.append("  ".join([name.ljust(width)] + cells))
     return "\n".join(lines)
 
@@ -181,8 +175,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="BD reference file (default: first file with 'bpg' in its name)",
     )
     p.add_argument("--bd-json", help="also write the BD table here")
-    p.add_argument("--bd-bpp", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="BD table over the points of every curve with LO <= bpp <= HI only")
+    p.add_argument(
+        "--bd-bpp",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="BD table over the points of every curve with LO <= bpp <= HI only",
+    )
     p.add_argument("--title")
     p.add_argument("--xlim", type=float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"))
@@ -193,8 +192,12 @@ def clip_to_rate(curve: dict, lo: float, hi: float) -> dict:
     """A copy of a curve with only its points of lo <= bpp <= hi (for a BD table over a rate range)."""
     res = curve["results"]
     keep = [i for i, b in enumerate(res["bpp"]) if lo <= b <= hi]
-    return {**curve, "results": {k: [v[i] for i in keep] for k, v in res.items()
-                                 if isinstance(v, list) and len(v) == len(res["bpp"])}}
+    return {
+        **curve,
+        "results": {
+            k: [v[i] for i in keep] for k, v in res.items() if isinstance(v, list) and len(v) == len(res["bpp"])
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,11 +40,20 @@ def rate_by_level(recs: Path) -> dict:
             pixels = header.height * header.width
             size = path.stat().st_size
             levels = {f"level{len(sections) - i}_bpp": 8 * len(s) / pixels for i, s in enumerate(sections)}
-            rows.append({"beta": header.beta, "bpp": 8 * size / pixels,
-                         "header_bpp": 8 * (size - sum(map(len, sections))) / pixels, **levels})
+            rows.append(
+                {
+                    "beta": header.beta,
+                    "bpp": 8 * size / pixels,
+                    "header_bpp": 8 * (size - sum(map(len, sections))) / pixels,
+                    **levels,
+                }
+            )
         if rows:
-            out[folder.name] = {"n_images": len(rows), "beta": rows[0]["beta"],
-                                **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "beta"}}
+            out[folder.name] = {
+                "n_images": len(rows),
+                "beta": rows[0]["beta"],
+                **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "beta"},
+            }
     return dict(sorted(out.items(), key=lambda kv: kv[1]["bpp"]))
 
 
@@ -62,8 +71,9 @@ def plot_rate_by_level(table: dict, path: Path) -> None:
     for part in parts:
         values = np.array([table[n][part] for n in names])
         ax.bar(labels, values, bottom=bottom, label=part.replace("_bpp", ""))
-        share.plot(labels, 100 * values / np.array([table[n]["bpp"] for n in names]), "o-",
-                   label=part.replace("_bpp", ""))
+        share.plot(
+            labels, 100 * values / np.array([table[n]["bpp"] for n in names]), "o-", label=part.replace("_bpp", "")
+        )
         bottom += values
     ax.set_ylabel("bits per pixel (mean over images)")
     share.set_ylabel("share of the file [%]")
@@ -89,8 +99,9 @@ def jpeg_at_size(img: np.ndarray, target_bytes: int) -> tuple[np.ndarray, int, i
     return best
 
 
-def plot_crops(img: np.ndarray, decoded: list[tuple[str, np.ndarray, int]], at: tuple[int, int], crop: int,
-               path: Path) -> None:
+def plot_crops(
+    img: np.ndarray, decoded: list[tuple[str, np.ndarray, int]], at: tuple[int, int], crop: int, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,9 +113,11 @@ def plot_crops(img: np.ndarray, decoded: list[tuple[str, np.ndarray, int]], at: 
     fig, axes = plt.subplots(len(decoded), 3, figsize=(9, 3.1 * len(decoded)))
     for row, (label, ours, size) in zip(np.atleast_2d(axes), decoded):
         jpeg, jpeg_size, quality = jpeg_at_size(img, size)
-        panels = [("original", img),
-                  (f"{label}\n{8 * size / pixels:.3f} bpp, {psnr(img, ours):.2f} dB", ours),
-                  (f"JPEG q{quality}\n{8 * jpeg_size / pixels:.3f} bpp, {psnr(img, jpeg):.2f} dB", jpeg)]
+        panels = [
+            ("original", img),
+            (f"{label}\n{8 * size / pixels:.3f} bpp, {psnr(img, ours):.2f} dB", ours),
+            (f"JPEG q{quality}\n{8 * jpeg_size / pixels:.3f} bpp, {psnr(img, jpeg):.2f} dB", jpeg),
+        ]
         for ax, (title, picture) in zip(row, panels):
             ax.imshow(picture[cut], interpolation="nearest")
             ax.set_title(title, fontsize=9)

@@ -102,17 +102,12 @@ def _strict(obj):
 
 def complete_results(results: dict) -> dict:
     """Copy of `results` with ms-ssim-rgb <-> ms-ssim-db-rgb filled in, nulls as NaN."""
-    out = {
-        k: ([_nan(x) for x in v] if isinstance(v, list) else v)
-        for k, v in results.items()
-    }
+    out = {k: ([_nan(x) for x in v] if isinstance(v, list) else v) for k, v in results.items()}
     if "ms-ssim-rgb" in out and "ms-ssim-db-rgb" not in out:
         out["ms-ssim-db-rgb"] = [msssim_to_db(x) for x in out["ms-ssim-rgb"]]
     elif "ms-ssim-db-rgb" in out and "ms-ssim-rgb" not in out:
         out["ms-ssim-rgb"] = [db_to_msssim(x) for x in out["ms-ssim-db-rgb"]]
-    order = [k for k in RESULT_KEYS if k in out] + [
-        k for k in out if k not in RESULT_KEYS
-    ]
+    order = [k for k in RESULT_KEYS if k in out] + [k for k in out if k not in RESULT_KEYS]
     return {k: out[k] for k in order}
 
 
@@ -240,9 +235,7 @@ def _avg_integral(x, y, lo: float, hi: float, method: str) -> float:
 
 
 def _log(x) -> np.ndarray:
-    with np.errstate(
-        divide="ignore", invalid="ignore"
-    ):  # bpp <= 0 or NaN -> dropped by _clean
+    with np.errstate(divide="ignore", invalid="ignore"):  # bpp <= 0 or NaN -> dropped by _clean
         return np.log(np.asarray(x, dtype=np.float64))
 
 
@@ -292,9 +285,7 @@ def bd_psnr(ref_rate, ref_dist, test_rate, test_dist, method: str = "pchip") -> 
     return diff
 
 
-def bd_table(
-    curves: list[dict], reference: dict, metrics=("psnr", "ms-ssim")
-) -> list[dict]:
+def bd_table(curves: list[dict], reference: dict, metrics=("psnr", "ms-ssim")) -> list[dict]:
     """BD-rate and BD-quality of every curve (as from `curves_of`) against `reference`.
 
     One row per curve: {name, kind, path, bd_rate_<m>_pct, bd_<m>_db, <m>_interval} for
@@ -309,9 +300,7 @@ def bd_table(
             if key not in ref or key not in res:
                 row.update({f"bd_rate_{tag}_pct": math.nan, f"bd_{tag}_db": math.nan})
                 continue
-            pct, interval = bd_rate(
-                ref["bpp"], ref[key], res["bpp"], res[key], return_interval=True
-            )
+            pct, interval = bd_rate(ref["bpp"], ref[key], res["bpp"], res[key], return_interval=True)
             row[f"bd_rate_{tag}_pct"] = pct
             row[f"bd_{tag}_db"] = bd_psnr(ref["bpp"], ref[key], res["bpp"], res[key])
             row[f"{tag}_interval_db"] = interval

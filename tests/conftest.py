@@ -21,7 +21,7 @@ def photo_dir(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:96, 0:112] / 96.0
     for i in range(4):
-        img = np.stack([np.sin(3 * xx + i) , np.cos(2 * yy - i), xx * yy], -1) * 0.4 + 0.5
+        img = np.stack([np.sin(3 * xx + i), np.cos(2 * yy - i), xx * yy], -1) * 0.4 + 0.5
         img += 0.05 * rng.standard_normal(img.shape)
         Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     return folder

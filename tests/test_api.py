@@ -20,16 +20,18 @@ from codec.params import PRESETS, REGISTERED_FORMATS, CoderParams, LevelParams, 
 from models import ModelConfig, build_model, file_sha256, save_model
 
 # Few candidates per step: fast, and still the real coder end to end.
-SMALL = CoderParams(level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0),
-                    level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0))
+SMALL = CoderParams(
+    level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0), level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0)
+)
 SIZES = [(1, 1), (37, 53), (17, 300)]
 EXPECTED = Path(__file__).resolve().parent / "expected"
 
 
 def tiny(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch=arch, channels=16, latents=8, level2_channels=8, level2_latents=4,
-                                   log_scale_min=-4.0))
+    return build_model(
+        ModelConfig(arch=arch, channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-4.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +103,18 @@ def test_unknown_registered_parameter_set_is_a_format_error(store, models_dir):
     model, ref = load(store, models_dir, "pln")
     data = compress_image(model, image(8, 8), model_ref=ref, params="thesis")[0]
     for bad, shown in ((b"R\xfe", "fe"), (b"R", "(none)"), (b"R\x01\x01", "0101")):
-        with pytest.raises(RecFormatError, match=rf"^coder_params: unknown registered parameter set "
-                                                 rf"{re.escape(shown)} \(written by a newer build\?\)$"):
+        with pytest.raises(
+            RecFormatError,
+            match=rf"^coder_params: unknown registered parameter set "
+            rf"{re.escape(shown)} \(written by a newer build\?\)$",
+        ):
             decompress(_rewrap(data, coder_params=bad), store)
     two_levels = unpack_rec(_rewrap(data, coder_params=b"R\x01"))[0]  # thesis, 2 levels
-    with pytest.raises(RecFormatError, match=r"^coder_params: invalid coder parameters \(48 bytes of level "
-                                             r"parameters for 1 levels\)$"):
+    with pytest.raises(
+        RecFormatError,
+        match=r"^coder_params: invalid coder parameters \(48 bytes of level "
+        r"parameters for 1 levels\)$",
+    ):
         header_params.params_from_header(two_levels, 1)
 
 
@@ -186,8 +194,11 @@ def test_files_decode_from_the_params_in_their_header_when_a_preset_changed_or_i
     explicit = b"P" + fields  # as a retuned preset is sent
     assert np.array_equal(decompress(_rewrap(data, coder_params=explicit), store)[0], x_hat)
     bad = explicit[:2] + b"\x09" + explicit[3:]  # level 2's sampler id
-    with pytest.raises(RecFormatError, match=r"^coder_params: invalid coder parameters \(malformed parameters "
-                                             r"for level 2\)"):
+    with pytest.raises(
+        RecFormatError,
+        match=r"^coder_params: invalid coder parameters \(malformed parameters "
+        r"for level 2\)",
+    ):
         decompress(_rewrap(data, coder_params=bad), store)
     with pytest.raises(RecFormatError, match="^coder_params: invalid coder parameters"):
         decompress(_rewrap(data, coder_params=explicit[:-1]), store)
@@ -282,18 +293,25 @@ def _png16_rgb(path, h=3, w=4):
     def chunk(t, d):
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize("mode,note", [
-    ("L", "grayscale converted to RGB"),
-    ("RGBA", "alpha channel discarded"),
-    ("P", "palette converted to RGB"),
-    ("I;16", "16-bit grayscale scaled to 8-bit RGB"),
-    ("LA", "grayscale converted to RGB, alpha channel discarded"),
-    ("RGB", None),
-])
+@pytest.mark.parametrize(
+    "mode,note",
+    [
+        ("L", "grayscale converted to RGB"),
+        ("RGBA", "alpha channel discarded"),
+        ("P", "palette converted to RGB"),
+        ("I;16", "16-bit grayscale scaled to 8-bit RGB"),
+        ("LA", "grayscale converted to RGB, alpha channel discarded"),
+        ("RGB", None),
+    ],
+)
 def test_load_image_converts_to_rgb8_and_says_so(tmp_path, mode, note):
     rgb = image(5, 7)
     if mode == "I;16":
@@ -314,9 +332,14 @@ def test_load_image_reduces_16bit_rgb(tmp_path):
     assert x.shape == (3, 4, 3) and notes == ["16-bit per channel reduced to 8-bit"]
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "no such file"), (b"hello", "not an image"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(30), "cannot decode image|not an image")])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such file"),
+        (b"hello", "not an image"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(30), "cannot decode image|not an image"),
+    ],
+)
 def test_load_image_errors(tmp_path, content, message):
     if content is not None:
         (tmp_path / "a.png").write_bytes(content)

@@ -19,8 +19,15 @@ from codec.bitstream import (
 )
 from codec.rng import RNG_VERSION
 
-HEADER = RecHeader(model_name="pln-b0.01-1a2b3c4d", model_hash=bytes(range(8)), height=37, width=53,
-                   seed=7, coder="thesis", coder_params=b"P" + bytes(26))
+HEADER = RecHeader(
+    model_name="pln-b0.01-1a2b3c4d",
+    model_hash=bytes(range(8)),
+    height=37,
+    width=53,
+    seed=7,
+    coder="thesis",
+    coder_params=b"P" + bytes(26),
+)
 SECTIONS = [b"level two", b"\x00\xff" * 10]
 
 
@@ -42,8 +49,18 @@ def test_layout_matches_the_spec():
     assert struct.unpack(">IIQ", data[14:30]) == (37, 53, 7)
     name = HEADER.model_name.encode()
     assert data[30] == len(name) and data[31 : 31 + len(name)] == name
-    expected = (30 + 1 + len(name) + 1 + len(HEADER.coder) + 2 + len(HEADER.coder_params) + 1
-                + sum(5 + len(s) for s in SECTIONS) + 4)
+    expected = (
+        30
+        + 1
+        + len(name)
+        + 1
+        + len(HEADER.coder)
+        + 2
+        + len(HEADER.coder_params)
+        + 1
+        + sum(5 + len(s) for s in SECTIONS)
+        + 4
+    )
     assert len(data) == expected
     assert struct.unpack(">I", data[-4:])[0] == zlib.crc32(data[:-4])
 
@@ -84,8 +101,11 @@ def test_truncation_names_the_section():
 def test_read_rejects_other_format_version():
     data = bytearray(pack_rec(HEADER, SECTIONS))
     data[4] = FORMAT_VERSION + 1
-    with pytest.raises(RecFormatError, match=rf"^format_version: .rec format version {FORMAT_VERSION + 1} is not "
-                                             r"supported \(this build reads versions 1, 2\)$"):
+    with pytest.raises(
+        RecFormatError,
+        match=rf"^format_version: .rec format version {FORMAT_VERSION + 1} is not "
+        r"supported \(this build reads versions 1, 2\)$",
+    ):
         unpack_rec(recrc(bytes(data)))
 
 
@@ -101,11 +121,14 @@ def test_read_rejects_other_file_types():
         unpack_rec(b"\x89PNG\r\n\x1a\n" + bytes(100))
 
 
-@pytest.mark.parametrize("offset,value,field", [
-    (14, b"\x00\x00\x00\x00", "height"),  # height 0
-    (18, b"\x00\x02\x00\x01", "width"),  # width above the limit
-    (31, b"\x01", "model_name"),  # a control character
-])
+@pytest.mark.parametrize(
+    "offset,value,field",
+    [
+        (14, b"\x00\x00\x00\x00", "height"),  # height 0
+        (18, b"\x00\x02\x00\x01", "width"),  # width above the limit
+        (31, b"\x01", "model_name"),  # a control character
+    ],
+)
 def test_read_validates_fields_even_with_a_valid_crc(offset, value, field):
     data = bytearray(pack_rec(HEADER, SECTIONS))
     data[offset : offset + len(value)] = value

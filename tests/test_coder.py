@@ -32,8 +32,9 @@ def targets(shape, bits_per_dim, seed=0, shrink=0.5):
 
 
 def roundtrip(q_loc, q_scale, p_loc, p_scale, level, params=SMALL, seed=3):
-    z, data, stats = encode_level(q_loc, q_scale, p_loc, p_scale, seed=seed, level=level,
-                                  params=params, return_stats=True)
+    z, data, stats = encode_level(
+        q_loc, q_scale, p_loc, p_scale, seed=seed, level=level, params=params, return_stats=True
+    )
     z2 = decode_level(p_loc, p_scale, data, seed=seed, level=level, params=params)
     assert torch.equal(z, z2)
     assert z.shape == p_loc.shape and z.dtype == p_loc.dtype
@@ -79,8 +80,7 @@ def test_greedy_decode_does_not_depend_on_how_steps_are_batched(monkeypatch):
 class _HostWaits(TorchFunctionMode):
     """Counts the calls that, on a GPU, make the host wait for the device (and stall its queue)."""
 
-    WAITS = {"tolist", "item", "nonzero", "unique", "__bool__", "__int__", "__float__", "__index__",
-             "cpu", "numpy"}
+    WAITS = {"tolist", "item", "nonzero", "unique", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
 
     def __init__(self):
         super().__init__()
@@ -89,8 +89,9 @@ class _HostWaits(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         index = args[1] if name in ("__getitem__", "__setitem__") else None
-        masks = [i for i in (index if isinstance(index, tuple) else (index,))
-                 if torch.is_tensor(i) and i.dtype == torch.bool]
+        masks = [
+            i for i in (index if isinstance(index, tuple) else (index,)) if torch.is_tensor(i) and i.dtype == torch.bool
+        ]
         self.count += name in self.WAITS or bool(masks)
         return func(*args, **(kwargs or {}))
 
@@ -140,8 +141,7 @@ def test_importance_code_length_is_index_bits_plus_side_info():
     # adaptive: L_g = ceil(KL_g) <= 12 bits per group, so index bits ~ coded KL + 1/2 per group
     assert coded_kl <= st["index_bits"] <= min(coded_kl + st["n_groups"], 12 * st["n_groups"])
     assert st["bits"] < 1.8 * st["kl_bits"]  # 12-bit groups of <= 15 dims: coarse packing
-    fixed = SMALL.replace(level2=LevelParams("importance", 12, 1, 15, 1.0, 9.0, adaptive=False,
-                                             zero_run=0))
+    fixed = SMALL.replace(level2=LevelParams("importance", 12, 1, 15, 1.0, 9.0, adaptive=False, zero_run=0))
     _, _, st = roundtrip(*targets((1, 16, 16, 16), 2.0), 2, fixed)
     assert st["index_bits"] == st["n_groups"] * 12  # the thesis code: B bits per group
 
@@ -216,8 +216,15 @@ def test_greedy_oversampling_plans_fewer_bits_per_step():
 def test_overrides_change_preset_fields_all_at_once():
     # steps=30 alone would be rejected by the importance sampler: the changes apply together
     p = CoderParams.preset("thesis-importance").with_overrides(
-        ["level2.steps=30", "level2.sampler=greedy", "level2.shard_decay=0.85", "memory_mb=64",
-         "level1.target=sum", "level1.margin_nats=2"])
+        [
+            "level2.steps=30",
+            "level2.sampler=greedy",
+            "level2.shard_decay=0.85",
+            "memory_mb=64",
+            "level1.target=sum",
+            "level1.margin_nats=2",
+        ]
+    )
     assert (p.level2.sampler, p.level2.steps, p.level2.shard_decay) == ("greedy", 30, 0.85)
     assert p.memory_mb == 64 and p.level1.target == "sum" and p.level1.margin_nats == 2.0
     assert p.level1.index_bits == CoderParams.preset("thesis").level1.index_bits
@@ -227,8 +234,10 @@ def test_overrides_change_preset_fields_all_at_once():
         (["steps"], "expected KEY=VALUE, got 'steps'"),
         (["level1.adaptive=1"], "level1.adaptive must be true or false, got '1'"),
         (["level1.index_bits=7.5"], "level1.index_bits must be an integer, got '7.5'"),
-        (["level2.sampler=importance"],
-         "coder parameters level2.sampler=importance: the importance sampler has exactly one step"),
+        (
+            ["level2.sampler=importance"],
+            "coder parameters level2.sampler=importance: the importance sampler has exactly one step",
+        ),
     ]:
         with pytest.raises(ValueError) as e:
             CoderParams().with_overrides(items)
@@ -239,8 +248,7 @@ def test_groups_with_identical_targets_get_independent_samples():
     # Shared pool + per-group scramble must not correlate groups coding the same target.
     n = 4 * 600
     for level in (1, 2):
-        z, _, st = roundtrip(torch.full((n,), 0.7), torch.full((n,), 0.5), torch.zeros(n),
-                             torch.ones(n), level)
+        z, _, st = roundtrip(torch.full((n,), 0.7), torch.full((n,), 0.5), torch.zeros(n), torch.ones(n), level)
         x = residuals(z, torch.full((n,), 0.7), torch.full((n,), 0.5))
         per = n // st["n_groups"]
         blocks = x[: per * st["n_groups"]].view(st["n_groups"], per)
@@ -284,6 +292,7 @@ def test_collapsed_channels_cost_almost_nothing():
 def test_level2_rate_on_a_realistic_latent():
     # Bench-like spread (collapsed channels, Gamma dims, a few 12-30 bit dims), 1.3 bits/dim.
     from scripts.bench_coder import synthetic_level
+
     g = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     q = synthetic_level((1, 24, 4, 12), 1.3 * 24 * 4 * 12, g)
@@ -307,8 +316,7 @@ def test_shrinking_shards_resolve_sharp_dims():
     p = (torch.zeros(n), torch.ones(n))
     stats = {}
     for decay in (1.0, 0.85):
-        params = SMALL.replace(level1=LevelParams("greedy", 10, 24, 1000, 1.0, 30.0,
-                                                  shard_decay=decay))
+        params = SMALL.replace(level1=LevelParams("greedy", 10, 24, 1000, 1.0, 30.0, shard_decay=decay))
         z, _, st = roundtrip(q_loc, q_scale, *p, 1, params)
         r = residuals(z, q_loc, q_scale)[sharp]
         stats[decay] = (r.var().item(), (r * r).median().item() / 0.4549, r.mean().item())
@@ -337,8 +345,7 @@ def test_chosen_shard_decay_codes_the_sample_closest_to_the_posterior(low, high)
     for decay in choices:
         z, _, _ = roundtrip(q_loc, q_scale, *p, 1, params.with_level(1, shard_decay=decay))
         u2[decay] = _mean_u2(z, q_loc, q_scale)
-    z, data, st = encode_level(q_loc, q_scale, *p, seed=3, level=1, params=params, return_stats=True,
-                               choose_decay=True)
+    z, data, st = encode_level(q_loc, q_scale, *p, seed=3, level=1, params=params, return_stats=True, choose_decay=True)
     chosen = st["shard_decay"]
     assert torch.equal(z, decode_level(*p, data, seed=3, level=1, params=params.with_level(1, shard_decay=chosen)))
     assert chosen in choices and u2[chosen] <= 1.05 * min(u2.values()), (chosen, u2)
@@ -376,8 +383,7 @@ def test_one_huge_kl_dim_is_sent_as_an_outlier_the_encoder_also_uses():
 
 @pytest.mark.parametrize("level", [1, 2])
 def test_single_dim_and_sizes_not_multiple_of_group_size(level):
-    roundtrip(torch.tensor([0.5]), torch.tensor([0.3]), torch.tensor([0.0]), torch.tensor([1.0]),
-              level)
+    roundtrip(torch.tensor([0.5]), torch.tensor([0.3]), torch.tensor([0.0]), torch.tensor([1.0]), level)
     roundtrip(*targets((1, 1, 1, 37), 0.2), level)  # caps at 15/300 dims leave a partial group
 
 
@@ -391,6 +397,7 @@ def test_posterior_wider_than_prior_round_trips(level):
 def test_no_empty_first_group_and_no_wasted_last_group():
     from codec.level import partition
     import numpy as np
+
     sizes = partition(np.array([0.5] * 10 + [30.0] + [0.5] * 3), budget_bits=4.0, max_size=15)
     assert sizes.min() >= 1 and sizes.sum() == 14
     assert sizes.tolist() == [8, 2, 1, 3]
@@ -410,8 +417,7 @@ def test_corrupted_or_truncated_bytes_raise_rec_decode_error(level):
         with pytest.raises(RecDecodeError):
             decode_level(p_loc, p_scale, b, seed=3, level=level, params=SMALL)
     with pytest.raises(RecDecodeError, match="CoderParams"):
-        decode_level(p_loc, p_scale, data, seed=3, level=level,
-                     params=SMALL.replace(pool_width=64))
+        decode_level(p_loc, p_scale, data, seed=3, level=level, params=SMALL.replace(pool_width=64))
     with pytest.raises(RecDecodeError):
         decode_level(p_loc[..., :4], p_scale[..., :4], data, seed=3, level=level, params=SMALL)
 

@@ -34,8 +34,9 @@ def weights(tmp_path_factory):
 
 
 # Few candidates per step, so the CLI tests stay fast; test_real_fast_preset_roundtrip uses the real one.
-SMALL = CoderParams(level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0),
-                    level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0))
+SMALL = CoderParams(
+    level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0), level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0)
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +46,9 @@ def isolated(weights, monkeypatch, request):
     monkeypatch.setattr(model_store, "REPO_WEIGHTS", weights / "no-such-folder")
     if "real_presets" not in request.fixturenames:
         real = CoderParams.preset.__func__
-        monkeypatch.setattr(CoderParams, "preset", classmethod(
-            lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
+        monkeypatch.setattr(
+            CoderParams, "preset", classmethod(lambda cls, name: SMALL if name in PRESETS else real(cls, name))
+        )
 
 
 def rgb(h, w, seed=0):
@@ -127,7 +129,10 @@ def test_folder_and_several_inputs_to_an_output_folder(tmp_path, capsys):
     code, out, err = encode(capsys, tmp_path / "in", extra, "-o", tmp_path / "out", "--json")
     assert code == 0, err
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.rec")) == [
-        "a.rec", "c.rec", "sub/b.rec"]
+        "a.rec",
+        "c.rec",
+        "sub/b.rec",
+    ]
     assert len(out.splitlines()) == 3
     code, out, err = run(capsys, "decode", tmp_path / "out", "-o", tmp_path / "dec")
     assert code == 0, err
@@ -145,8 +150,15 @@ def test_info_prints_the_header_as_json(tmp_path, capsys, weights):
     assert [s["level"] for s in d["sections"]] == [2, 1] and d["bytes"] == (tmp_path / "a.rec").stat().st_size
 
 
-@pytest.mark.parametrize("mode,note", [("L", "grayscale converted to RGB"), ("RGBA", "alpha channel discarded"),
-                                       ("P", "palette converted to RGB"), ("I;16", "16-bit grayscale scaled")])
+@pytest.mark.parametrize(
+    "mode,note",
+    [
+        ("L", "grayscale converted to RGB"),
+        ("RGBA", "alpha channel discarded"),
+        ("P", "palette converted to RGB"),
+        ("I;16", "16-bit grayscale scaled"),
+    ],
+)
 def test_encode_converts_odd_modes_and_says_so(tmp_path, capsys, mode, note):
     x = rgb(6, 7)
     im = Image.fromarray(x[..., 0].astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(x).convert(mode)
@@ -163,8 +175,7 @@ def test_models_lists_every_model_file_and_marks_the_default(capsys, weights, tm
     torch.manual_seed(1)
     cfg = ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4)
     record = {"steps": 7, "minutes": 0.5, "segments": [{"hardware": "a test rig"}], "final_terms": {}}
-    second = save_model(build_model(cfg), weights, "trained", meta={"training": record,
-                                                                    "train_config": {"beta": 0.25}})
+    second = save_model(build_model(cfg), weights, "trained", meta={"training": record, "train_config": {"beta": 0.25}})
     try:
         code, out, err = run(capsys, "models")
         assert code == 0 and err == ""
@@ -231,7 +242,8 @@ def test_two_inputs_with_the_same_output_are_refused(tmp_path, capsys):
     write_png(tmp_path / "a.bmp", rgb(4, 4))
     code, _, err = encode(capsys, tmp_path / "a.bmp", tmp_path / "a.png")
     assert code == 1 and error_lines(err) == [
-        f"error: {tmp_path / 'a.png'}: output {tmp_path / 'a.rec'} is also the output of {tmp_path / 'a.bmp'}"]
+        f"error: {tmp_path / 'a.png'}: output {tmp_path / 'a.rec'} is also the output of {tmp_path / 'a.bmp'}"
+    ]
 
 
 def test_huge_image_is_refused_with_the_limit(tmp_path, capsys):
@@ -259,8 +271,12 @@ def test_truncated_rec(capsys, rec_file):
     last = len(unpack_rec(data)[1][-1])
     cut = last // 2  # inside the last section, past its length prefix
     rec_file.write_bytes(data[:-cut])
-    _decode_fails(capsys, rec_file, f"not a valid .rec file: section 2 (level 1): truncated: needs {last} bytes, "
-                  f"{last - cut} left (CRC mismatch: corrupted or truncated file)")
+    _decode_fails(
+        capsys,
+        rec_file,
+        f"not a valid .rec file: section 2 (level 1): truncated: needs {last} bytes, "
+        f"{last - cut} left (CRC mismatch: corrupted or truncated file)",
+    )
 
 
 def test_bit_flipped_rec(capsys, rec_file):
@@ -275,8 +291,12 @@ def test_rec_of_another_format_version(capsys, rec_file):
     data[4] = FORMAT_VERSION + 1
     data[-4:] = struct.pack(">I", zlib.crc32(bytes(data[:-4])))
     rec_file.write_bytes(bytes(data))
-    _decode_fails(capsys, rec_file, f"not a valid .rec file: format_version: .rec format version "
-                  f"{FORMAT_VERSION + 1} is not supported (this build reads versions 1, 2)")
+    _decode_fails(
+        capsys,
+        rec_file,
+        f"not a valid .rec file: format_version: .rec format version "
+        f"{FORMAT_VERSION + 1} is not supported (this build reads versions 1, 2)",
+    )
 
 
 def test_not_a_rec_file(capsys, tmp_path):
@@ -323,14 +343,17 @@ def test_encode_with_model_name_and_path(capsys, tmp_path, weights):
     assert code == 1 and error_lines(err)[0].startswith("error: model 'nope' not found")
 
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "the following arguments are required: command"),
-    (["encode"], "the following arguments are required: IN"),
-    (["encode", "a.png", "--seed", "-1"], "argument --seed: -1 is outside [0, 2^64)"),
-    (["encode", "a.png", "--coder", "nope"], "argument --coder: invalid choice: 'nope'"),
-    (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
-    (["decode", "a.rec", "--threads", "0"], "argument --threads: 0 is not positive"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "the following arguments are required: command"),
+        (["encode"], "the following arguments are required: IN"),
+        (["encode", "a.png", "--seed", "-1"], "argument --seed: -1 is outside [0, 2^64)"),
+        (["encode", "a.png", "--coder", "nope"], "argument --coder: invalid choice: 'nope'"),
+        (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+        (["decode", "a.rec", "--threads", "0"], "argument --threads: 0 is not positive"),
+    ],
+)
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2
@@ -343,4 +366,5 @@ def test_info_on_a_broken_file(capsys, tmp_path):
     assert code == 1 and out == ""
     assert error_lines(err) == [
         f"error: {tmp_path / 'a.rec'}: not a valid .rec file: file: truncated: 4 bytes, a .rec file has at least 46",
-        f"error: {tmp_path / 'missing.rec'}: no such file or directory: {tmp_path / 'missing.rec'}"]
+        f"error: {tmp_path / 'missing.rec'}: no such file or directory: {tmp_path / 'missing.rec'}",
+    ]

@@ -16,8 +16,9 @@ from scripts import eval_rd
 from scripts.rd_common import RESULT_KEYS, curves_of, load_rgb, read_results
 
 # Few candidates per step, as in test_compress_cli.py, so a whole evaluation takes seconds.
-SMALL = CoderParams(level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0),
-                    level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0))
+SMALL = CoderParams(
+    level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0), level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0)
+)
 SIZES = {"a.png": (40, 56), "sub/b.png": (33, 33)}
 
 
@@ -53,8 +54,9 @@ def isolate(monkeypatch, weights):
     monkeypatch.setenv("REC_MODEL_DIR", str(weights))
     monkeypatch.setattr(model_store, "REPO_WEIGHTS", weights / "no-such-folder")
     real = CoderParams.preset.__func__
-    monkeypatch.setattr(CoderParams, "preset", classmethod(
-        lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
+    monkeypatch.setattr(
+        CoderParams, "preset", classmethod(lambda cls, name: SMALL if name in PRESETS else real(cls, name))
+    )
 
 
 def run(capsys, *argv):
@@ -74,9 +76,22 @@ def evaluated(weights, data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
         isolate(mp, weights)
-        code = eval_rd.main(["--data", str(data), "--model", *map(str, model_files(weights)), "--coder", "fast",
-                             "--per-image", "--rec-dir", str(tmp / "recs"), "--no-progress",
-                             "-o", str(tmp / "out.json")])
+        code = eval_rd.main(
+            [
+                "--data",
+                str(data),
+                "--model",
+                *map(str, model_files(weights)),
+                "--coder",
+                "fast",
+                "--per-image",
+                "--rec-dir",
+                str(tmp / "recs"),
+                "--no-progress",
+                "-o",
+                str(tmp / "out.json"),
+            ]
+        )
     return code, json.loads((tmp / "out.json").read_text()), tmp
 
 
@@ -98,8 +113,7 @@ def test_writes_one_curve_with_one_point_per_model(evaluated, weights):
 def test_ideal_curves_sit_beside_the_actual_one(evaluated):
     _, doc, _ = evaluated
     ideal = {c["name"].split(" ideal ")[1]: c for c in doc["ideal_curves"]}
-    assert set(ideal) == {"(KL, posterior sample)", "(KL + 2 ln(KL+1), posterior sample)",
-                          "(KL, posterior mean)"}
+    assert set(ideal) == {"(KL, posterior sample)", "(KL + 2 ln(KL+1), posterior sample)", "(KL, posterior mean)"}
     for c in ideal.values():
         assert c["kind"] == "ideal" and all(len(v) == 2 for v in c["results"].values())
         assert set(c["per_image"]) == set(SIZES)
@@ -107,8 +121,10 @@ def test_ideal_curves_sit_beside_the_actual_one(evaluated):
     bound = ideal["(KL + 2 ln(KL+1), posterior sample)"]["results"]["bpp"]
     assert kl == ideal["(KL, posterior mean)"]["results"]["bpp"]
     for name, (h, w) in SIZES.items():  # the thesis bound, recomputed from the per-image KL
-        for k_bpp, b_bpp in zip(ideal["(KL, posterior sample)"]["per_image"][name]["bpp"],
-                                ideal["(KL + 2 ln(KL+1), posterior sample)"]["per_image"][name]["bpp"]):
+        for k_bpp, b_bpp in zip(
+            ideal["(KL, posterior sample)"]["per_image"][name]["bpp"],
+            ideal["(KL + 2 ln(KL+1), posterior sample)"]["per_image"][name]["bpp"],
+        ):
             k = k_bpp * h * w * math.log(2)
             assert b_bpp == pytest.approx((k + 2 * math.log(k + 1)) / math.log(2) / (h * w))
     assert all(b > k > 0 for k, b in zip(kl, bound))
@@ -121,8 +137,7 @@ def test_bpp_is_the_size_of_the_rec_files_written(evaluated):
         for name, (h, w) in SIZES.items():
             rec = tmp / "recs" / m["name"] / name.replace(".png", ".rec")
             assert doc["per_image"][name]["bpp"][i] == pytest.approx(8 * rec.stat().st_size / (h * w))
-        assert doc["results"]["bpp"][i] == pytest.approx(
-            np.mean([doc["per_image"][n]["bpp"][i] for n in SIZES]))
+        assert doc["results"]["bpp"][i] == pytest.approx(np.mean([doc["per_image"][n]["bpp"][i] for n in SIZES]))
 
 
 def test_metrics_are_those_of_the_decoded_file(evaluated, data, weights, tmp_path):
@@ -141,8 +156,9 @@ def test_output_reads_back_with_rd_common(evaluated):
 
 def test_models_resolve_by_name_like_compress(tmp_path, capsys, data, weights):
     stem = model_files(weights)[0].stem
-    code, out, err = run(capsys, "--data", data, "--model", stem.rsplit("-", 1)[0], "--coder", "fast",
-                         "--limit", "1", "--no-progress")
+    code, out, err = run(
+        capsys, "--data", data, "--model", stem.rsplit("-", 1)[0], "--coder", "fast", "--limit", "1", "--no-progress"
+    )
     assert code == 0, err
     doc = json.loads(out)
     assert doc["meta"]["models"][0]["name"] == stem and doc["meta"]["n_images"] == 1
@@ -159,12 +175,25 @@ def test_decode_mismatch_is_reported_loudly(tmp_path, capsys, data, weights, mon
         return x_hat, header
 
     monkeypatch.setattr(api, "decompress", corrupt)
-    code, out, err = run(capsys, "--data", data, "--model", model_files(weights)[0], "--coder", "fast",
-                         "--limit", "1", "--no-progress", "-o", tmp_path / "o.json")
+    code, out, err = run(
+        capsys,
+        "--data",
+        data,
+        "--model",
+        model_files(weights)[0],
+        "--coder",
+        "fast",
+        "--limit",
+        "1",
+        "--no-progress",
+        "-o",
+        tmp_path / "o.json",
+    )
     assert code == 1
     assert "differs from the encoder's prediction in 1 of" in err
     assert json.loads(out)["meta"]["decode_mismatches"] == [
-        {"model": model_files(weights)[0].stem, "image": "a.png", "samples": 1, "max_abs_diff": 1}]
+        {"model": model_files(weights)[0].stem, "image": "a.png", "samples": 1, "max_abs_diff": 1}
+    ]
     assert json.loads((tmp_path / "o.json").read_text())["meta"]["decode_mismatches"]
 
 
@@ -182,19 +211,26 @@ def test_ideal_pass_is_seeded_and_its_mean_kl_matches_forward(weights, data):
     assert np.array_equal(a["mean"], eval_rd.to_uint8(out["x_hat"]))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "{tmp}/nope", "--model", "{model}"], "data folder not found: "),
-    (["--data", "{tmp}", "--model", "{model}"], "no images found under "),
-    (["--data", "{data}", "--model", "no-such-model"], "model 'no-such-model' not found"),
-    (["--data", "{data}", "--model", "{tmp}/junk.pt"], "cannot load model file "),
-    (["--data", "{data}", "--model", "{model}", "--limit", "0"], "--limit must be >= 1"),
-    (["--data", "{data}", "--model", "{model}", "--coder", "slow"], "invalid choice: 'slow'"),
-    (["--data", "{data}"], "the following arguments are required: --model"),
-    (["--data", "{data}", "--model", "{model}", "--coder-set", "level2.colour=red"],
-     "--coder-set: unknown coder parameter 'level2.colour'"),
-    (["--data", "{data}", "--model", "{model}", "--coder-set", "level1.steps=many"],
-     "--coder-set: level1.steps must be an integer, got 'many'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "{tmp}/nope", "--model", "{model}"], "data folder not found: "),
+        (["--data", "{tmp}", "--model", "{model}"], "no images found under "),
+        (["--data", "{data}", "--model", "no-such-model"], "model 'no-such-model' not found"),
+        (["--data", "{data}", "--model", "{tmp}/junk.pt"], "cannot load model file "),
+        (["--data", "{data}", "--model", "{model}", "--limit", "0"], "--limit must be >= 1"),
+        (["--data", "{data}", "--model", "{model}", "--coder", "slow"], "invalid choice: 'slow'"),
+        (["--data", "{data}"], "the following arguments are required: --model"),
+        (
+            ["--data", "{data}", "--model", "{model}", "--coder-set", "level2.colour=red"],
+            "--coder-set: unknown coder parameter 'level2.colour'",
+        ),
+        (
+            ["--data", "{data}", "--model", "{model}", "--coder-set", "level1.steps=many"],
+            "--coder-set: level1.steps must be an integer, got 'many'",
+        ),
+    ],
+)
 def test_bad_input_is_one_stderr_line_and_exit_2(tmp_path, capsys, data, weights, argv, message):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     fill = {"tmp": tmp_path, "data": data, "model": model_files(weights)[0]}
@@ -207,8 +243,21 @@ def test_bad_input_is_one_stderr_line_and_exit_2(tmp_path, capsys, data, weights
 
 def test_coder_set_changes_the_preset_and_is_recorded(tmp_path, capsys, data, weights):
     model = model_files(weights)[0]
-    code, out, _ = run(capsys, "--data", data, "--model", model, "--coder", "fast", "--limit", "1",
-                       "--coder-set", "level1.oversample_bits=2", "level2.index_bits=10", "--no-progress")
+    code, out, _ = run(
+        capsys,
+        "--data",
+        data,
+        "--model",
+        model,
+        "--coder",
+        "fast",
+        "--limit",
+        "1",
+        "--coder-set",
+        "level1.oversample_bits=2",
+        "level2.index_bits=10",
+        "--no-progress",
+    )
     doc = json.loads(out)
     assert code == 0 and doc["meta"]["decode_mismatches"] == []
     assert doc["meta"]["coder_overrides"] == ["level1.oversample_bits=2", "level2.index_bits=10"]
@@ -224,8 +273,9 @@ def test_add_to_gives_the_curve_of_one_run_over_all_models(evaluated, tmp_path, 
     common = ["--data", data, "--coder", "fast", "--no-progress"]
     code, _, err = run(capsys, *common, "--model", second, "--per-image", "-o", tmp_path / "one.json")
     assert code == 0, err
-    code, out, err = run(capsys, *common, "--model", first, "--add-to", tmp_path / "one.json",
-                         "-o", tmp_path / "one.json")  # extended in place
+    code, out, err = run(
+        capsys, *common, "--model", first, "--add-to", tmp_path / "one.json", "-o", tmp_path / "one.json"
+    )  # extended in place
     assert code == 0, err
     _, together, _ = evaluated
     added = json.loads((tmp_path / "one.json").read_text())
@@ -236,8 +286,9 @@ def test_add_to_gives_the_curve_of_one_run_over_all_models(evaluated, tmp_path, 
         return {k: v for k, v in values.items() if k not in untimed}
 
     assert drop_times(added["results"]) == drop_times(together["results"])
-    assert {i: drop_times(v) for i, v in added["per_image"].items()} == \
-        {i: drop_times(v) for i, v in together["per_image"].items()}
+    assert {i: drop_times(v) for i, v in added["per_image"].items()} == {
+        i: drop_times(v) for i, v in together["per_image"].items()
+    }
     assert added["ideal_curves"] == together["ideal_curves"]
     assert [m["path"] for m in added["meta"]["models"]] == [m["path"] for m in together["meta"]["models"]]
     assert added["name"] == together["name"] and "over 2 model(s)" in added["description"]
@@ -251,11 +302,14 @@ def test_add_to_gives_the_curve_of_one_run_over_all_models(evaluated, tmp_path, 
     assert code == 2 and "has no per-image values" in err
 
 
-@pytest.mark.parametrize("names,expected", [
-    (["pln-cpu-b4-2c1e6bc5", "pln-cpu-b1.5-882fd781"], "pln-cpu (REC thesis)"),
-    (["pln-a1", "pln-a2"], "pln (REC thesis)"),
-    (["abc", "abd"], "abc + abd (REC thesis)"),
-    (["pln-x"], "pln-x (REC thesis)"),
-])
+@pytest.mark.parametrize(
+    "names,expected",
+    [
+        (["pln-cpu-b4-2c1e6bc5", "pln-cpu-b1.5-882fd781"], "pln-cpu (REC thesis)"),
+        (["pln-a1", "pln-a2"], "pln (REC thesis)"),
+        (["abc", "abd"], "abc + abd (REC thesis)"),
+        (["pln-x"], "pln-x (REC thesis)"),
+    ],
+)
 def test_default_curve_name_is_the_models_common_name_cut_at_a_whole_token(names, expected):
     assert eval_rd.default_name(names, "thesis") == expected

@@ -41,8 +41,9 @@ def synthetic(level: int) -> dict[str, np.ndarray]:
     q_scale = p_scale * (0.002 + 0.9 * np.abs(np.cos(1.3 * i)) ** 3)
     q_scale[i % 41 == 0] *= 1e-7  # a few 23-33-bit dims: outliers
     q_loc[i % 7 == 3] = p_loc[i % 7 == 3]  # and some dims with q = p (KL 0 where q_scale = p_scale)
-    return {k: v.astype(np.float32) for k, v in
-            dict(q_loc=q_loc, q_scale=q_scale, p_loc=p_loc, p_scale=p_scale).items()}
+    return {
+        k: v.astype(np.float32) for k, v in dict(q_loc=q_loc, q_scale=q_scale, p_loc=p_loc, p_scale=p_scale).items()
+    }
 
 
 def image() -> np.ndarray:
@@ -64,10 +65,12 @@ def golden() -> dict:
 def test_golden_level_bytes_decode_to_the_same_sample(golden, preset, level):
     prefix = f"{preset}-{level}-"
     _, _, p_loc, p_scale = tensors(golden, prefix)
-    sample = decode_level(p_loc, p_scale, golden[prefix + "bytes"].tobytes(), seed=SEED, level=level,
-                          params=CoderParams.preset(preset))
+    sample = decode_level(
+        p_loc, p_scale, golden[prefix + "bytes"].tobytes(), seed=SEED, level=level, params=CoderParams.preset(preset)
+    )
     assert np.array_equal(sample.numpy().view(np.uint32), golden[prefix + "sample"].view(np.uint32)), (
-        "files written by an earlier build decode differently: bump the format or RNG version")
+        "files written by an earlier build decode differently: bump the format or RNG version"
+    )
 
 
 @pytest.mark.parametrize("preset,level", CASES)
@@ -75,7 +78,8 @@ def test_encoder_still_writes_the_golden_bytes(golden, preset, level):
     prefix = f"{preset}-{level}-"
     _, data = encode_level(*tensors(golden, prefix), seed=SEED, level=level, params=CoderParams.preset(preset))
     assert data == golden[prefix + "bytes"].tobytes(), (
-        "the encoder writes different bytes; if intended: python tests/test_golden.py --regenerate")
+        "the encoder writes different bytes; if intended: python tests/test_golden.py --regenerate"
+    )
 
 
 def test_golden_rec_file_decodes_to_the_same_pixels():
@@ -101,16 +105,16 @@ def regenerate() -> None:
         prefix = f"{preset}-{level}-"
         syn = synthetic(level)
         arrays.update({prefix + k: v for k, v in syn.items()})
-        sample, data = encode_level(*tensors(arrays, prefix), seed=SEED, level=level,
-                                    params=CoderParams.preset(preset))
+        sample, data = encode_level(*tensors(arrays, prefix), seed=SEED, level=level, params=CoderParams.preset(preset))
         arrays[prefix + "bytes"] = np.frombuffer(data, dtype=np.uint8)
         arrays[prefix + "sample"] = sample.numpy()
     np.savez_compressed(CODER_FILE, **arrays)
     for old in EXPECTED.glob("pln-golden-*.pt"):
         old.unlink()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4,
-                                    log_scale_min=-4.0))
+    model = build_model(
+        ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-4.0)
+    )
     path = save_model(model, EXPECTED, "golden", torch.float16)
     model = ModelStore(dirs=[EXPECTED]).load(path)[0]
     data, x_hat, _ = compress_image(model, image(), model_ref=ModelRef.of_file(path), seed=SEED, params="thesis")
@@ -125,15 +129,27 @@ def regenerate_variable_rate() -> None:
     for old in EXPECTED.glob("pln-golden-vbr-*.pt"):
         old.unlink()
     torch.manual_seed(1)
-    model = build_model(ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4,
-                                    log_scale_min=-4.0, beta_knots=3, beta_min=0.5, beta_max=8.0))
+    model = build_model(
+        ModelConfig(
+            arch="pln",
+            channels=16,
+            latents=8,
+            level2_channels=8,
+            level2_latents=4,
+            log_scale_min=-4.0,
+            beta_knots=3,
+            beta_min=0.5,
+            beta_max=8.0,
+        )
+    )
     with torch.no_grad():
         for table in model.conditioning.parameters():
             table.copy_(0.3 * torch.randn_like(table))
     path = save_model(model, EXPECTED, "golden-vbr", torch.float16)
     model = ModelStore(dirs=[EXPECTED]).load(path)[0]
-    data, x_hat, _ = compress_image(model, image(), model_ref=ModelRef.of_file(path), seed=SEED, params="thesis",
-                                    beta=GOLDEN_BETA)
+    data, x_hat, _ = compress_image(
+        model, image(), model_ref=ModelRef.of_file(path), seed=SEED, params="thesis", beta=GOLDEN_BETA
+    )
     (EXPECTED / "golden-vbr.rec").write_bytes(data)
     save_png(x_hat, EXPECTED / "golden-vbr.png")
     print(f"wrote {path.name}, golden-vbr.rec ({len(data)} bytes), golden-vbr.png")

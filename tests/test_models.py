@@ -41,15 +41,17 @@ def test_product_rule_equals_the_normalised_product_of_two_gaussians():
 
 
 def test_thesis_rule_swaps_the_precision_weights():
-    loc, scale = combine_gaussians(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.5]),
-                                   "thesis")
+    loc, scale = combine_gaussians(
+        torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.5]), "thesis"
+    )
     # encoder precision 1, prior precision 4: the thesis weights the encoder mean by 4 / 5.
     assert loc.item() == pytest.approx(0.8)
     assert scale.item() == pytest.approx(math.sqrt(1 / 5))
 
 
-@pytest.mark.parametrize("arch,residual,expected", [("pln", False, 8_061_363), ("pln", True, 13_247_283),
-                                                    ("vae", False, 5_782_147)])
+@pytest.mark.parametrize(
+    "arch,residual,expected", [("pln", False, 8_061_363), ("pln", True, 13_247_283), ("vae", False, 5_782_147)]
+)
 def test_thesis_parameter_counts(arch, residual, expected):
     model = build_model(ModelConfig(arch=arch, residual=residual))
     assert sum(p.numel() for p in model.parameters()) == expected

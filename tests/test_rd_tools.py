@@ -48,12 +48,8 @@ def test_bd_rate_of_curve_against_itself_is_zero():
 
 @pytest.mark.parametrize("factor", [1.1, 0.8])
 def test_bd_rate_of_scaled_rates_equals_factor_minus_one(factor):
-    assert bd_rate(RATE, DIST, RATE * factor, DIST) == pytest.approx(
-        (factor - 1) * 100, abs=1e-9
-    )
-    assert bd_rate(RATE, DIST, RATE * factor, DIST, method="cubic") == pytest.approx(
-        (factor - 1) * 100, abs=1e-9
-    )
+    assert bd_rate(RATE, DIST, RATE * factor, DIST) == pytest.approx((factor - 1) * 100, abs=1e-9)
+    assert bd_rate(RATE, DIST, RATE * factor, DIST, method="cubic") == pytest.approx((factor - 1) * 100, abs=1e-9)
 
 
 def test_bd_psnr_of_shifted_quality_equals_shift():
@@ -62,9 +58,7 @@ def test_bd_psnr_of_shifted_quality_equals_shift():
 
 def test_bd_rate_ignores_point_order_and_is_nan_without_overlap():
     perm = [3, 0, 5, 1, 4, 2]
-    assert bd_rate(RATE, DIST, RATE[perm] * 1.1, DIST[perm]) == pytest.approx(
-        10.0, abs=1e-9
-    )
+    assert bd_rate(RATE, DIST, RATE[perm] * 1.1, DIST[perm]) == pytest.approx(10.0, abs=1e-9)
     assert math.isnan(bd_rate(RATE, DIST, RATE, DIST + 100))
 
 
@@ -176,9 +170,7 @@ def test_bench_writes_compressai_schema_that_round_trips(tmp_path, capsys):
     )
     assert rc == 0
     raw = json.loads(out.read_text())
-    assert (
-        json.loads(capsys.readouterr().out) == raw
-    )  # stdout carries the same document
+    assert json.loads(capsys.readouterr().out) == raw  # stdout carries the same document
     assert {"name", "description", "meta", "results"} <= set(raw)
     res = raw["results"]
     assert set(res) == {
@@ -190,14 +182,10 @@ def test_bench_writes_compressai_schema_that_round_trips(tmp_path, capsys):
         "decoding_time",
     }
     assert all(len(v) == 3 for v in res.values())
-    assert res["bpp"] == sorted(res["bpp"]) and res["psnr-rgb"] == sorted(
-        res["psnr-rgb"]
-    )
+    assert res["bpp"] == sorted(res["bpp"]) and res["psnr-rgb"] == sorted(res["psnr-rgb"])
     assert 0 < res["ms-ssim-rgb"][0] < 1
     assert set(raw["per_image"]) == {"img0.png", "img1.png"}
-    assert np.mean(
-        [raw["per_image"][n]["bpp"][1] for n in raw["per_image"]]
-    ) == pytest.approx(res["bpp"][1])
+    assert np.mean([raw["per_image"][n]["bpp"][1] for n in raw["per_image"]]) == pytest.approx(res["bpp"][1])
     assert read_results(out)["results"] == res  # JSON floats round-trip exactly
     write_results(tmp_path / "again.json", read_results(out))
     assert json.loads((tmp_path / "again.json").read_text()) == raw
@@ -206,11 +194,7 @@ def test_bench_writes_compressai_schema_that_round_trips(tmp_path, capsys):
 def test_bench_rejects_missing_folder_with_exit_code_2(tmp_path, capsys):
     rc = bench_codecs.main(["--data", str(tmp_path / "nope"), "--codec", "jpeg"])
     err = capsys.readouterr().err
-    assert (
-        rc == 2
-        and err.startswith("error: data folder not found")
-        and err.count("\n") == 1
-    )
+    assert rc == 2 and err.startswith("error: data folder not found") and err.count("\n") == 1
 
 
 def test_bench_script_run_as_module_reports_bad_folder_without_traceback(tmp_path):
@@ -224,9 +208,7 @@ def test_bench_script_run_as_module_reports_bad_folder_without_traceback(tmp_pat
         "--codec",
         "jpeg",
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=repo, check=False
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: data folder not found")
     assert "Traceback" not in proc.stderr
@@ -266,9 +248,7 @@ def test_plot_rd_writes_png_and_bd_json_against_bpg_file(tmp_path, capsys):
     ideal = {"name": "ours ideal", "results": {**results, "bpp": list(RATE * 0.9)}}
     write_results(
         tmp_path / "ours.json",
-        make_results(
-            "ours", "", {**results, "bpp": list(RATE * 1.1)}, ideal_curves=[ideal]
-        ),
+        make_results("ours", "", {**results, "bpp": list(RATE * 1.1)}, ideal_curves=[ideal]),
     )
     png, bd = tmp_path / "rd.png", tmp_path / "bd.json"
     rc = plot_rd.main(

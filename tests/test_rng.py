@@ -77,8 +77,9 @@ def test_tail_values_are_the_same_with_or_without_a_host_sync(monkeypatch):
     ref = rng.normal_from_bits(bits)
     monkeypatch.setattr(rng, "_tail_without_sync", lambda device: True)  # the GPU path, here on the CPU
     assert torch.equal(rng.normal_from_bits(bits), ref)
-    assert (ref[: frac.numel()] >= 4.32).all() and torch.equal(ref[frac.numel() : 2 * frac.numel()],
-                                                             -ref[: frac.numel()])
+    assert (ref[: frac.numel()] >= 4.32).all() and torch.equal(
+        ref[frac.numel() : 2 * frac.numel()], -ref[: frac.numel()]
+    )
 
 
 def test_normals_are_standard_normal():
@@ -107,5 +108,4 @@ def test_cuda_values_are_bit_identical_to_cpu():
     counters = torch.arange(1 << 18) * 104729
     assert torch.equal(rng.hash64(4, counters.cuda()).cpu(), rng.hash64(4, counters))
     assert torch.equal(rng.normals(4, counters.cuda()).cpu(), rng.normals(4, counters))
-    assert torch.equal(rng.pool_block(4, 1, 0, 512, 256, "cuda").cpu(),
-                       rng.pool_block(4, 1, 0, 512, 256, "cpu"))
+    assert torch.equal(rng.pool_block(4, 1, 0, 512, 256, "cuda").cpu(), rng.pool_block(4, 1, 0, 512, 256, "cpu"))

@@ -36,7 +36,8 @@ def test_a_shipped_model_round_trips_a_small_image(path):
     image = np.clip(np.stack([4 * x, 5 * y, 2 * (x + y)], -1) + rng.integers(-20, 20, (40, 56, 3)), 0, 255)
     model, _ = load_model(path)
     beta = quality_beta(DEFAULT_QUALITY, model.beta_range) if model.variable_rate else None
-    data, x_hat, _ = compress_image(model, image.astype(np.uint8), model_ref=ModelRef.of_file(path), params="fast",
-                                    beta=beta)
+    data, x_hat, _ = compress_image(
+        model, image.astype(np.uint8), model_ref=ModelRef.of_file(path), params="fast", beta=beta
+    )
     decoded, _ = decompress(data, ModelStore(dirs=[REPO_WEIGHTS]))
     assert np.array_equal(decoded, x_hat)

@@ -32,13 +32,16 @@ def test_config_precedence_defaults_then_toml_then_command_line(tmp_path):
     assert flags == {"resume"}
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--bta=1"], "unknown config key --bta"),
-    (["--beta=high"], "--beta expects a float"),
-    (["--flips=maybe"], "--flips expects true or false"),
-    (["--arch=gan"], "unknown arch 'gan'"),
-    (["--restart"], "unknown flags"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--bta=1"], "unknown config key --bta"),
+        (["--beta=high"], "--beta expects a float"),
+        (["--flips=maybe"], "--flips expects true or false"),
+        (["--arch=gan"], "unknown arch 'gan'"),
+        (["--restart"], "unknown flags"),
+    ],
+)
 def test_bad_config_values_are_rejected_with_a_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):
         resolve_config(argv)
@@ -46,8 +49,11 @@ def test_bad_config_values_are_rejected_with_a_clear_message(argv, message):
 
 def test_a_few_steps_on_synthetic_images_lower_the_loss(photo_dir):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4,
-                                    likelihood="gaussian", gamma=0.1))
+    model = build_model(
+        ModelConfig(
+            arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4, likelihood="gaussian", gamma=0.1
+        )
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x = RandomCrops(photo_dir, 64).batch(0, 4)
     losses, psnrs = [], []
@@ -84,8 +90,17 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(photo_dir, tmp_path)
 
 def test_resume_keeps_the_checkpoints_settings_and_drops_log_records_past_it(photo_dir, tmp_path):
     run = tmp_path / "run"
-    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={run}", "--kl_warmup=2", "--steps=3", "--log_every=1",
-                     f"--export_dir={tmp_path / 'w'}") == 0
+    assert (
+        run_train(
+            f"--data_dir={photo_dir}",
+            f"--out_dir={run}",
+            "--kl_warmup=2",
+            "--steps=3",
+            "--log_every=1",
+            f"--export_dir={tmp_path / 'w'}",
+        )
+        == 0
+    )
     with open(run / "log.jsonl", "a") as log:  # a crash after step 3's checkpoint, having logged step 4
         log.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     assert run_train(f"--out_dir={run}", "--steps=5", "--resume") == 0  # run_train passes tiny.toml again
@@ -100,8 +115,13 @@ def test_resume_keeps_the_checkpoints_settings_and_drops_log_records_past_it(pho
 
 def test_training_record_of_a_run_without_segments_reads_the_logs_clock_restarts(tmp_path):
     terms = {k: 1.0 for k in run.FINAL_TERMS}
-    lines = [{"step": 10, "time": 6.0}, {"step": 20, "time": 12.0}, {"step": 30, "time": 3.0},
-             {"step": 40, "time": 9.0}, {"step": 50, "time": 99.0}]  # step 50: past the checkpoint
+    lines = [
+        {"step": 10, "time": 6.0},
+        {"step": 20, "time": 12.0},
+        {"step": 30, "time": 3.0},
+        {"step": 40, "time": 9.0},
+        {"step": 50, "time": 99.0},
+    ]  # step 50: past the checkpoint
     (tmp_path / "log.jsonl").write_text("".join(json.dumps({**r, **terms}) + "\n" for r in lines))
     record = run.training_record(str(tmp_path), 40, {})
     assert [seg["steps"] for seg in record["segments"]] == [[10, 20], [30, 40]]
@@ -109,8 +129,16 @@ def test_training_record_of_a_run_without_segments_reads_the_logs_clock_restarts
 
 
 def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
-    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'w'}",
-                     "--steps=2", "--tag=smoke") == 0
+    assert (
+        run_train(
+            f"--data_dir={photo_dir}",
+            f"--out_dir={tmp_path / 'run'}",
+            f"--export_dir={tmp_path / 'w'}",
+            "--steps=2",
+            "--tag=smoke",
+        )
+        == 0
+    )
     (path,) = (tmp_path / "w").glob("pln-smoke-*.pt")
     blob = torch.load(path, weights_only=True)
     assert blob["config"]["channels"] == 16 and blob["meta"]["step"] == 2
@@ -124,17 +152,28 @@ def test_finished_run_exports_a_self_describing_model_file(photo_dir, tmp_path):
 
 
 def test_validation_reports_kl_psnr_on_whole_held_out_images(photo_dir, tmp_path):
-    assert run_train(f"--data_dir={photo_dir}", f"--val_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}",
-                     f"--export_dir={tmp_path / 'w'}", "--steps=10") == 0
+    assert (
+        run_train(
+            f"--data_dir={photo_dir}",
+            f"--val_dir={photo_dir}",
+            f"--out_dir={tmp_path / 'run'}",
+            f"--export_dir={tmp_path / 'w'}",
+            "--steps=10",
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert "val_psnr" in records[-1] and records[-1]["val_kl_bpp"] > 0
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda d: d / "missing", "data folder not found"),
-    (lambda d: d, "no images"),
-    (lambda d: (d / "a.png").write_bytes(b"not a png") and d, "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda d: d / "missing", "data folder not found"),
+        (lambda d: d, "no images"),
+        (lambda d: (d / "a.png").write_bytes(b"not a png") and d, "cannot read image"),
+    ],
+)
 def test_bad_data_folder_gives_one_clear_error(tmp_path, capsys, make, message):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -146,15 +185,25 @@ def test_bad_data_folder_gives_one_clear_error(tmp_path, capsys, make, message):
 
 def test_an_empty_data_dir_is_an_error_not_the_current_folder(tmp_path, capsys):
     assert run_train("--data_dir=", f"--out_dir={tmp_path / 'run'}") == 2
-    assert capsys.readouterr().err.strip() == ("train.py: error: no training data: pass --data_dir=FOLDER "
-                                               "or set data_dir in the TOML file")
+    assert capsys.readouterr().err.strip() == (
+        "train.py: error: no training data: pass --data_dir=FOLDER or set data_dir in the TOML file"
+    )
 
 
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(photo_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), str(TINY), f"--data_dir={photo_dir}", f"--out_dir={run}",
-           "--steps=1000000", "--log_every=1", "--amp=none", "--threads=1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        str(TINY),
+        f"--data_dir={photo_dir}",
+        f"--out_dir={run}",
+        "--steps=1000000",
+        "--log_every=1",
+        "--amp=none",
+        "--threads=1",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text().count("\n") >= 2):
@@ -165,8 +214,9 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(photo_dir, t
     assert proc.returncode == 143, err[-2000:]
     step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == step
-    assert err.strip().splitlines()[-1] == (f"train.py: stopped by SIGTERM at step {step}; checkpoint saved to "
-                                            f"{run / 'ckpt.pt'} (continue with --resume)")
+    assert err.strip().splitlines()[-1] == (
+        f"train.py: stopped by SIGTERM at step {step}; checkpoint saved to {run / 'ckpt.pt'} (continue with --resume)"
+    )
 
 
 def test_ddp_with_two_gloo_processes_trains_and_saves_once(photo_dir, tmp_path):
@@ -174,9 +224,21 @@ def test_ddp_with_two_gloo_processes_trains_and_saves_once(photo_dir, tmp_path):
     with socket.socket() as s:  # a free port, so that overlapping test runs do not collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           str(REPO / "train.py"), str(TINY), f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'ddp'}",
-           f"--export_dir={tmp_path / 'w'}", "--steps=3", "--amp=none", "--threads=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        str(REPO / "train.py"),
+        str(TINY),
+        f"--data_dir={photo_dir}",
+        f"--out_dir={tmp_path / 'ddp'}",
+        f"--export_dir={tmp_path / 'w'}",
+        "--steps=3",
+        "--amp=none",
+        "--threads=1",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "ddp" / "ckpt.pt").exists()
@@ -204,8 +266,16 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(photo_dir, tmp_pat
     common = [f"--data_dir={photo_dir}", f"--export_dir={tmp_path / 'w'}"]
     assert run_train(*common, f"--out_dir={tmp_path / 'base'}", "--steps=2") == 0
     base = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
-    assert run_train(*common, f"--out_dir={tmp_path / 'ft'}", "--steps=0",
-                     f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", "--beta=1.0") == 0
+    assert (
+        run_train(
+            *common,
+            f"--out_dir={tmp_path / 'ft'}",
+            "--steps=0",
+            f"--init_from={tmp_path / 'base' / 'ckpt.pt'}",
+            "--beta=1.0",
+        )
+        == 0
+    )
     tuned = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert tuned["step"] == 0 and all(torch.equal(base["model"][k], tuned["model"][k]) for k in base["model"])
     assert tuned["provenance"]["init"] == {"from": str(tmp_path / "base" / "ckpt.pt"), "step": 2}
@@ -224,21 +294,48 @@ def test_spike_guard_flags_only_a_kl_far_above_the_recent_median():
 
 def test_skipped_batches_leave_the_weights_alone_and_are_counted_in_the_record(photo_dir, tmp_path):
     # a tiny factor flags every batch once the guard has 20 accepted ones to compare with
-    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'w'}",
-                     "--steps=30", "--kl_spike=1e-9", "--max_bad_steps=100", "--log_every=1") == 0
+    assert (
+        run_train(
+            f"--data_dir={photo_dir}",
+            f"--out_dir={tmp_path / 'run'}",
+            f"--export_dir={tmp_path / 'w'}",
+            "--steps=30",
+            "--kl_spike=1e-9",
+            "--max_bad_steps=100",
+            "--log_every=1",
+        )
+        == 0
+    )
     (path,) = (tmp_path / "w").glob("*.pt")
     record = torch.load(path, weights_only=True)["meta"]["training"]
     assert record["steps"] == 30 and record["segments"][0]["skipped"] == 10
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 21))  # only updated steps are logged
-    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'run20'}", f"--export_dir={tmp_path / 'w20'}",
-                     "--steps=20") == 0
+    assert (
+        run_train(
+            f"--data_dir={photo_dir}",
+            f"--out_dir={tmp_path / 'run20'}",
+            f"--export_dir={tmp_path / 'w20'}",
+            "--steps=20",
+        )
+        == 0
+    )
     (path20,) = (tmp_path / "w20").glob("*.pt")
     weights, weights20 = (torch.load(p, weights_only=True)["state_dict"] for p in (path, path20))
     assert all(torch.equal(weights[k], weights20[k]) for k in weights20)  # the 10 skipped steps changed nothing
     # during the KL warm-up nothing counts as a spike
-    assert run_train(f"--data_dir={photo_dir}", f"--out_dir={tmp_path / 'warm'}", f"--export_dir={tmp_path / 'ww'}",
-                     "--steps=30", "--kl_warmup=30", "--kl_spike=1e-9", "--max_bad_steps=5") == 0
+    assert (
+        run_train(
+            f"--data_dir={photo_dir}",
+            f"--out_dir={tmp_path / 'warm'}",
+            f"--export_dir={tmp_path / 'ww'}",
+            "--steps=30",
+            "--kl_warmup=30",
+            "--kl_spike=1e-9",
+            "--max_bad_steps=5",
+        )
+        == 0
+    )
     (path_warm,) = (tmp_path / "ww").glob("*.pt")
     assert torch.load(path_warm, weights_only=True)["meta"]["training"]["segments"][0]["skipped"] == 0
 
@@ -298,11 +395,34 @@ def test_device_training_round_runs_end_to_end_on_the_cpu(photo_dir, tmp_path):
     torch.manual_seed(0)
     tiny = dict(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4)
     init = save_model(build_model(ModelConfig(**tiny, beta_knots=3, beta_min=0.5, beta_max=8.0)), tmp_path, "v")
-    env = {**os.environ, "DEVICE": "cpu", "CONFIG": str(TINY), "INIT": str(init), "DATA": str(photo_dir),
-           "OUT": str(tmp_path / "out"), "RUN": str(tmp_path / "run"), "PYTHON": sys.executable, "MINUTES": "5"}
-    result = subprocess.run(["bash", str(REPO / "scripts" / "device_train.sh"), "--crop=64", "--steps=3",
-                             "--beta_knots=3", "--beta_min=0.5", "--beta_max=8", "--amp=none", "--threads=1"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "CONFIG": str(TINY),
+        "INIT": str(init),
+        "DATA": str(photo_dir),
+        "OUT": str(tmp_path / "out"),
+        "RUN": str(tmp_path / "run"),
+        "PYTHON": sys.executable,
+        "MINUTES": "5",
+    }
+    result = subprocess.run(
+        [
+            "bash",
+            str(REPO / "scripts" / "device_train.sh"),
+            "--crop=64",
+            "--steps=3",
+            "--beta_knots=3",
+            "--beta_min=0.5",
+            "--beta_max=8",
+            "--amp=none",
+            "--threads=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (exported,) = (tmp_path / "out").glob("pln-vbr-*.pt")
     model, info = load_model(exported)

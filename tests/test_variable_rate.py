@@ -24,8 +24,9 @@ from training.config import resolve_config
 
 TINY = dict(arch="pln", channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-4.0)
 RANGE = dict(beta_knots=4, beta_min=0.5, beta_max=8.0)
-SMALL = CoderParams(level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0),
-                    level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0))
+SMALL = CoderParams(
+    level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0), level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0)
+)
 
 
 def rate_controlled_model(seed: int = 0):
@@ -182,8 +183,14 @@ def test_a_file_and_a_model_that_disagree_on_beta_are_a_format_error(vbr_dir):
     data = compress_image(fixed_model, photo(20, 20), model_ref=fixed_ref, params=SMALL)[0]
     header, sections = unpack_rec(data)
     vbr_ref = store.ref(vbr)
-    as_vbr = pack_rec(RecHeader(vbr_ref.name, vbr_ref.sha256, *[getattr(header, f) for f in
-                                ("height", "width", "seed", "coder", "coder_params")]), sections)
+    as_vbr = pack_rec(
+        RecHeader(
+            vbr_ref.name,
+            vbr_ref.sha256,
+            *[getattr(header, f) for f in ("height", "width", "seed", "coder", "coder_params")],
+        ),
+        sections,
+    )
     with pytest.raises(RecFormatError, match="^beta_code: the model is variable-rate, but the file carries no β$"):
         decompress(as_vbr, store)
     with_beta = pack_rec(RecHeader(**{**header.__dict__, "beta_code": beta_to_code(1.0)}), sections)
@@ -200,8 +207,9 @@ def cli(vbr_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("REC_MODEL_DIR", str(folder))
     monkeypatch.setattr(model_store, "REPO_WEIGHTS", folder / "no-such-folder")
     real = CoderParams.preset.__func__
-    monkeypatch.setattr(CoderParams, "preset", classmethod(
-        lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
+    monkeypatch.setattr(
+        CoderParams, "preset", classmethod(lambda cls, name: SMALL if name in PRESETS else real(cls, name))
+    )
     src = tmp_path / "a.png"
     Image.fromarray(photo(160, 224)).save(src)
 
@@ -253,15 +261,18 @@ def test_the_default_quality_codes_a_variable_rate_model_and_info_shows_the_beta
     assert info["format_version"] == 2 and info["beta"] == pytest.approx(quality_beta(4, (0.5, 8.0)), rel=2e-3)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--quality", "0"], "argument --quality: 0 is outside 1 to 8"),
-    (["--quality", "9"], "argument --quality: 9 is outside 1 to 8"),
-    (["--beta", "-1"], "argument --beta: -1 is not a positive number"),
-    (["--bpp", "0"], "argument --bpp: 0 is not a positive number"),
-    (["--bpp", "nan"], "argument --bpp: nan is not a positive number"),
-    (["--beta", "20"], "--beta 20: β = 20 is outside this model's range 0.5 to 8"),
-    (["--quality", "2", "--beta", "1"], "argument --beta: not allowed with argument --quality"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--quality", "0"], "argument --quality: 0 is outside 1 to 8"),
+        (["--quality", "9"], "argument --quality: 9 is outside 1 to 8"),
+        (["--beta", "-1"], "argument --beta: -1 is not a positive number"),
+        (["--bpp", "0"], "argument --bpp: 0 is not a positive number"),
+        (["--bpp", "nan"], "argument --bpp: nan is not a positive number"),
+        (["--beta", "20"], "--beta 20: β = 20 is outside this model's range 0.5 to 8"),
+        (["--quality", "2", "--beta", "1"], "argument --beta: not allowed with argument --quality"),
+    ],
+)
 def test_bad_rate_settings_give_one_line_and_exit_2(cli, argv, message):
     run, src, tmp, _ = cli
     code, out, err = run("encode", src, *argv)
@@ -272,9 +283,11 @@ def test_bad_rate_settings_give_one_line_and_exit_2(cli, argv, message):
 def test_rate_settings_for_a_fixed_beta_model_are_a_usage_error(cli):
     run, src, tmp, fixed = cli
     code, _, err = run("encode", src, "--model", fixed, "--quality", 3)
-    assert code == 2 and err.strip() == (f"compress.py: error: --quality 3: model {fixed.stem} was trained at a "
-                                         "single β; choose a variable-rate model (compress.py models lists "
-                                         "each model's rate range)")
+    assert code == 2 and err.strip() == (
+        f"compress.py: error: --quality 3: model {fixed.stem} was trained at a "
+        "single β; choose a variable-rate model (compress.py models lists "
+        "each model's rate range)"
+    )
 
 
 def test_models_lists_the_beta_range(cli):
@@ -300,9 +313,23 @@ def test_a_variable_rate_run_warm_starts_from_a_fixed_beta_file_and_validates_at
     torch.manual_seed(0)
     fixed = save_model(build_model(ModelConfig(**{**TINY, "log_scale_min": -9.0})), tmp_path, "fixed")
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
-    code = train.main([tiny, "--threads=1", "--amp=none", f"--data_dir={photo_dir}", f"--val_dir={photo_dir}",
-                       f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'w'}", f"--init_from={fixed}",
-                       "--beta_knots=3", "--beta_min=0.25", "--beta_max=4", "--steps=10", "--conditioning_lr=1e-2"])
+    code = train.main(
+        [
+            tiny,
+            "--threads=1",
+            "--amp=none",
+            f"--data_dir={photo_dir}",
+            f"--val_dir={photo_dir}",
+            f"--out_dir={tmp_path / 'run'}",
+            f"--export_dir={tmp_path / 'w'}",
+            f"--init_from={fixed}",
+            "--beta_knots=3",
+            "--beta_min=0.25",
+            "--beta_max=4",
+            "--steps=10",
+            "--conditioning_lr=1e-2",
+        ]
+    )
     assert code == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert {"val_kl_bpp@0.25", "val_kl_bpp@1", "val_kl_bpp@4", "val_psnr@1"} <= set(log[-1])
@@ -321,12 +348,24 @@ def test_eval_rd_gives_one_point_per_quality_of_a_variable_rate_model(vbr_dir, t
     folder, vbr, _ = vbr_dir
     monkeypatch.setattr(model_store, "REPO_WEIGHTS", folder / "no-such-folder")
     real = CoderParams.preset.__func__
-    monkeypatch.setattr(CoderParams, "preset", classmethod(
-        lambda cls, name: SMALL if name in PRESETS else real(cls, name)))
+    monkeypatch.setattr(
+        CoderParams, "preset", classmethod(lambda cls, name: SMALL if name in PRESETS else real(cls, name))
+    )
     (tmp_path / "data").mkdir()
     Image.fromarray(photo(64, 96)).save(tmp_path / "data" / "a.png")
-    code = eval_rd.main([f"--data={tmp_path / 'data'}", "--model", str(vbr), "--quality", "1", "8",
-                         "--rec-dir", str(tmp_path / "recs"), "--no-progress"])
+    code = eval_rd.main(
+        [
+            f"--data={tmp_path / 'data'}",
+            "--model",
+            str(vbr),
+            "--quality",
+            "1",
+            "8",
+            "--rec-dir",
+            str(tmp_path / "recs"),
+            "--no-progress",
+        ]
+    )
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
     assert [m["name"] for m in doc["meta"]["models"]] == [f"{vbr.stem}-q1", f"{vbr.stem}-q8"]  # by rate
@@ -339,9 +378,28 @@ def test_eval_rd_gives_one_point_per_quality_of_a_variable_rate_model(vbr_dir, t
     from scripts import plot_vbr
 
     monkeypatch.setenv("REC_MODEL_DIR", str(folder))
-    assert plot_vbr.main(["--recs", str(tmp_path / "recs"), "--out", str(tmp_path / "fig"), "--data",
-                          str(tmp_path / "data"), "--image", "a.png", "--points", f"{vbr.stem}-q8",
-                          "--at", "0", "0", "--crop", "32"]) == 0
+    assert (
+        plot_vbr.main(
+            [
+                "--recs",
+                str(tmp_path / "recs"),
+                "--out",
+                str(tmp_path / "fig"),
+                "--data",
+                str(tmp_path / "data"),
+                "--image",
+                "a.png",
+                "--points",
+                f"{vbr.stem}-q8",
+                "--at",
+                "0",
+                "0",
+                "--crop",
+                "32",
+            ]
+        )
+        == 0
+    )
     table = json.loads((tmp_path / "fig" / "rate_by_level.json").read_text())["points"]
     for point, bpp in zip((f"{vbr.stem}-q1", f"{vbr.stem}-q8"), bpp):
         row = table[point]

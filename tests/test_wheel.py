@@ -34,8 +34,22 @@ def build_wheel(dest: Path) -> Path:
         shutil.copy(REPO / name, src / name)
     for package in project["tool"]["setuptools"]["packages"]:
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                    "--no-index", "-q", "-w", str(dest / "dist")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(src),
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(dest / "dist"),
+        ],
+        check=True,
+    )
     (wheel,) = (dest / "dist").glob("rec_codec-*.whl")
     return wheel
 
@@ -46,12 +60,18 @@ def fresh_venv(folder: Path, wheel: Path) -> Path:
     checkout's editable install stays out."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
     python = folder / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *site.getsitepackages()}
     (Path(purelib) / "rec_codec_test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-                    "-q", str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+    )
     return folder / "bin"
 
 
@@ -66,15 +86,17 @@ def run(bin_dir: Path, cwd: Path, *argv, model_dir: Path | None = None) -> subpr
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REC_MODEL_DIR")}
     if model_dir is not None:
         env["REC_MODEL_DIR"] = str(model_dir)
-    return subprocess.run([str(bin_dir / argv[0]), *map(str, argv[1:])], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [str(bin_dir / argv[0]), *map(str, argv[1:])], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.slow
 def test_the_installed_command_encodes_and_decodes_outside_the_checkout(installed, tmp_path):
     where = "import importlib.util as u; print(u.find_spec('codec').origin)"
-    origin = subprocess.run([installed / "python", "-c", where], cwd=tmp_path, capture_output=True, text=True,
-                            check=True).stdout.strip()
+    origin = subprocess.run(
+        [installed / "python", "-c", where], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert Path(origin).is_relative_to(installed.parent)  # the wheel's codec, not the checkout's
     models = tmp_path / "models"
     torch.manual_seed(0)
@@ -109,4 +131,6 @@ def test_without_a_model_folder_one_line_names_rec_model_dir_and_model(installed
 def test_the_installed_training_command_runs(installed, tmp_path):
     result = run(installed, tmp_path, "rec-codec-train", f"--out_dir={tmp_path / 'run'}", "--export")
     assert (result.returncode, result.stderr.strip()) == (
-        2, f"rec-codec-train: error: no checkpoint to resume from: {tmp_path / 'run' / 'ckpt.pt'}")
+        2,
+        f"rec-codec-train: error: no checkpoint to resume from: {tmp_path / 'run' / 'ckpt.pt'}",
+    )

@@ -43,8 +43,9 @@ def read_training_image(path: Path) -> np.ndarray:
 class RandomCrops:
     """Random crop×crop patches (optionally h-flipped) from every image of a folder at least that big."""
 
-    def __init__(self, folder: str | Path, crop: int, flips: bool = False, seed: int = 0, rank: int = 0,
-                 cache: bool = True):
+    def __init__(
+        self, folder: str | Path, crop: int, flips: bool = False, seed: int = 0, rank: int = 0, cache: bool = True
+    ):
         self.crop, self.flips, self.seed, self.rank, self.cache = crop, flips, seed, rank, cache
         self.files, self.sizes = [], []
         for path in list_images(folder):
@@ -77,7 +78,7 @@ class RandomCrops:
             h, w = self.sizes[index]
             top = int(torch.randint(h - self.crop + 1, (1,), generator=gen))
             left = int(torch.randint(w - self.crop + 1, (1,), generator=gen))
-            patch = torch.from_numpy(self.image(index)[top:top + self.crop, left:left + self.crop].copy())
+            patch = torch.from_numpy(self.image(index)[top : top + self.crop, left : left + self.crop].copy())
             patch = patch.permute(2, 0, 1).float().div_(255.0)
             if self.flips and bool(torch.randint(2, (1,), generator=gen)):
                 patch = patch.flip(-1)
@@ -87,5 +88,7 @@ class RandomCrops:
 
 def full_images(folder: str | Path, limit: int) -> list[torch.Tensor]:
     """Up to `limit` whole images as (1, 3, H, W) float tensors, for validation."""
-    return [torch.from_numpy(read_training_image(p).copy()).permute(2, 0, 1)[None].float() / 255.0
-            for p in list_images(folder)[:limit]]
+    return [
+        torch.from_numpy(read_training_image(p).copy()).permute(2, 0, 1)[None].float() / 255.0
+        for p in list_images(folder)[:limit]
+    ]

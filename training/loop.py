@@ -71,8 +71,12 @@ def train(run: Run, data: RandomCrops, val_images: list[torch.Tensor], prog: str
     start = last_ckpt = time.time()
     bad_steps = 0
     spikes = SpikeGuard(cfg.kl_spike)
-    segment = {"steps": [run.step, run.step], "minutes": 0.0, "skipped": 0,
-               "hardware": hardware(run.device, run.world, bf16)}
+    segment = {
+        "steps": [run.step, run.step],
+        "minutes": 0.0,
+        "skipped": 0,
+        "hardware": hardware(run.device, run.world, bf16),
+    }
     run.provenance["segments"] = list(run.provenance.get("segments", [])) + [segment]
     stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit 130 / 143
     try:
@@ -83,15 +87,22 @@ def train(run: Run, data: RandomCrops, val_images: list[torch.Tensor], prog: str
             kl = float(terms["kl"].detach())
             # no spike test during the KL warm-up: the KL climbs fast while its weight is small
             # (thesis-size runs at β = 0.1 and 0.01 were stopped at steps 60-117 by such "spikes")
-            reason = ("non-finite loss" if not torch.isfinite(terms["loss"])
-                      else "KL spike" if run.step >= cfg.kl_warmup and spikes.is_spike(kl) else "")
+            reason = (
+                "non-finite loss"
+                if not torch.isfinite(terms["loss"])
+                else "KL spike"
+                if run.step >= cfg.kl_warmup and spikes.is_spike(kl)
+                else ""
+            )
             if any_rank(bool(reason), run.world, run.device):
                 bad_steps += 1
                 segment["skipped"] += 1
                 if bad_steps >= cfg.max_bad_steps:
-                    print(f"{prog}: error: {bad_steps} batches skipped in a row at step {run.step} "
-                          f"(last: {reason or 'on another rank'}); resume from ckpt_prev.pt with a lower --lr",
-                          file=sys.stderr)
+                    print(
+                        f"{prog}: error: {bad_steps} batches skipped in a row at step {run.step} "
+                        f"(last: {reason or 'on another rank'}); resume from ckpt_prev.pt with a lower --lr",
+                        file=sys.stderr,
+                    )
                     return 1
                 run.step += 1  # skip this batch; the weights are untouched
                 bar.update(1)
@@ -103,8 +114,9 @@ def train(run: Run, data: RandomCrops, val_images: list[torch.Tensor], prog: str
             bar.update(1)
             if run.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
                 record = step_record(run, terms, grad_norm, segment["skipped"], time.time() - start, val_images)
-                bar.set_postfix(loss=f"{record['loss']:.0f}", kl_bpp=f"{record['kl_bpp']:.3f}",
-                                psnr=f"{record['psnr']:.2f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.0f}", kl_bpp=f"{record['kl_bpp']:.3f}", psnr=f"{record['psnr']:.2f}"
+                )
                 logs.write(record)
             out_of_time = cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes
             out_of_time |= stop.requested(run.world, run.device)
@@ -127,8 +139,11 @@ def announce(run: Run, bf16: bool, n_images: int) -> None:
     (out_dir / "config.json").write_text(json.dumps(run.config, indent=2))
     n_params = sum(p.numel() for p in run.model.parameters())
     print(json.dumps(run.config), file=sys.stderr)
-    print(f"{run.model_cfg.arch}: {n_params / 1e6:.2f} M parameters; {n_images} training images; "
-          f"starting at step {run.step}; {'bf16 autocast' if bf16 else 'fp32'}", file=sys.stderr)
+    print(
+        f"{run.model_cfg.arch}: {n_params / 1e6:.2f} M parameters; {n_images} training images; "
+        f"starting at step {run.step}; {'bf16 autocast' if bf16 else 'fp32'}",
+        file=sys.stderr,
+    )
 
 
 def batch_terms(run: Run, net: torch.nn.Module, data: RandomCrops, autocast) -> dict:
@@ -156,13 +171,19 @@ def update(run: Run, terms: dict) -> torch.Tensor:
     return grad_norm
 
 
-def step_record(run: Run, terms: dict, grad_norm: torch.Tensor, skipped: int, seconds: float,
-                val_images: list[torch.Tensor]) -> dict:
+def step_record(
+    run: Run, terms: dict, grad_norm: torch.Tensor, skipped: int, seconds: float, val_images: list[torch.Tensor]
+) -> dict:
     """A step's log line: its loss terms, and the validation results when one is due."""
     cfg = run.cfg
-    record = {"step": run.step, "time": round(seconds, 1), "lr": learning_rate(cfg, run.step),
-              "grad_norm": round(float(grad_norm), 2), "skipped": skipped,
-              **{k: round(float(v.detach()), 5) for k, v in terms.items()}}
+    record = {
+        "step": run.step,
+        "time": round(seconds, 1),
+        "lr": learning_rate(cfg, run.step),
+        "grad_norm": round(float(grad_norm), 2),
+        "skipped": skipped,
+        **{k: round(float(v.detach()), 5) for k, v in terms.items()},
+    }
     if val_images and run.step % cfg.val_every == 0:
         for b in validation_betas(run.model_cfg):
             at = "" if b is None else f"@{b:g}"
@@ -213,8 +234,11 @@ def finish(run: Run, stop: StopSignal, prog: str) -> int:
         dist.destroy_process_group()
     if stop.signal is not None:
         if run.is_main:
-            print(f"{prog}: stopped by {signal.Signals(stop.signal).name} at step {run.step}; checkpoint saved "
-                  f"to {run.ckpt_path} (continue with --resume)", file=sys.stderr)
+            print(
+                f"{prog}: stopped by {signal.Signals(stop.signal).name} at step {run.step}; checkpoint saved "
+                f"to {run.ckpt_path} (continue with --resume)",
+                file=sys.stderr,
+            )
         return 128 + stop.signal
     return 0
 

@@ -23,8 +23,9 @@ class Objective(torch.nn.Module):
         return elbo_loss(self.model, x, out, beta, weight)
 
 
-def batch_betas(model_cfg: ModelConfig, cfg: TrainConfig, step: int, rank: int, batch: int,
-                device: torch.device | str = "cpu") -> float | torch.Tensor:
+def batch_betas(
+    model_cfg: ModelConfig, cfg: TrainConfig, step: int, rank: int, batch: int, device: torch.device | str = "cpu"
+) -> float | torch.Tensor:
     """This step's β: the fixed `beta`, or one per image, log-uniform over a variable-rate model's range
     (a pure function of seed, rank and step, like the crops, so a resumed run draws the same)."""
     if not model_cfg.beta_knots:

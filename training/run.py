@@ -18,15 +18,25 @@ from models import ModelConfig, save_model, unwrap
 from training.config import TrainConfig
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, config: dict, provenance: dict,
-                    average: "WeightAverage | None" = None) -> None:
+def save_checkpoint(
+    path: Path, model, optimizer, step: int, config: dict, provenance: dict, average: "WeightAverage | None" = None
+) -> None:
     """Atomic: write a temporary file, then rename over the old checkpoint, which is kept as
     ckpt_prev.pt (a way back if a run diverged just before a save)."""
     tmp = path.with_suffix(".tmp")
     extra = {} if average is None else {"ema": average.avg, "ema_updates": average.updates}
-    torch.save({"format": "rec-ckpt/1", "config": config, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step,
-                "provenance": provenance, **extra}, tmp)
+    torch.save(
+        {
+            "format": "rec-ckpt/1",
+            "config": config,
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "provenance": provenance,
+            **extra,
+        },
+        tmp,
+    )
     if path.exists():
         os.replace(path, path.with_name("ckpt_prev.pt"))
     os.replace(tmp, path)
@@ -57,22 +67,35 @@ def training_record(out_dir: str, step: int, provenance: dict, init_from: str = 
     checkpointed before they were recorded fall back to the log's clock, which restarts at 0 on
     every resume. Final terms are means over the last 50 logged steps (noisy single batches)."""
     path = Path(out_dir) / "log.jsonl"
-    records = [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r and r["step"] <= step] \
-        if path.exists() else []
+    records = (
+        [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r and r["step"] <= step]
+        if path.exists()
+        else []
+    )
     segments = list(provenance.get("segments", []))
     early = [r for r in records if not segments or r["step"] <= segments[0]["steps"][0]]
     if early:  # steps from before segments were recorded
         bounds = [0] + [i for i in range(1, len(early)) if early[i]["time"] < early[i - 1]["time"]]
-        segments[:0] = [{"steps": [early[a]["step"], early[b - 1]["step"]],
-                         "minutes": round(early[b - 1]["time"] / 60, 1), "hardware": None}
-                        for a, b in zip(bounds, bounds[1:] + [len(early)])]
+        segments[:0] = [
+            {
+                "steps": [early[a]["step"], early[b - 1]["step"]],
+                "minutes": round(early[b - 1]["time"] / 60, 1),
+                "hardware": None,
+            }
+            for a, b in zip(bounds, bounds[1:] + [len(early)])
+        ]
     last = records[-50:]
     final = {k: round(sum(r[k] for r in last) / len(last), 5) for k in FINAL_TERMS if last and k in last[0]}
     validated = [r for r in records if any(k.startswith("val_") for k in r)]
     validation = {k: v for k, v in validated[-1].items() if k == "step" or k.startswith("val_")} if validated else None
-    return {"steps": step, "minutes": round(sum(seg["minutes"] for seg in segments), 1),
-            "segments": segments, "final_terms": final, "validation": validation,
-            "init": provenance.get("init") or ({"from": init_from, "step": None} if init_from else None)}
+    return {
+        "steps": step,
+        "minutes": round(sum(seg["minutes"] for seg in segments), 1),
+        "segments": segments,
+        "final_terms": final,
+        "validation": validation,
+        "init": provenance.get("init") or ({"from": init_from, "step": None} if init_from else None),
+    }
 
 
 class StopSignal:
@@ -196,8 +219,9 @@ class Run:
         return {**asdict(self.cfg), **self.model_cfg.to_dict()}
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.step, self.config, self.provenance,
-                        self.average)
+        save_checkpoint(
+            self.ckpt_path, self.model, self.optimizer, self.step, self.config, self.provenance, self.average
+        )
 
     def export(self) -> Path:
         """The model file `<arch>-<tag>-<sha8>.pt` in export_dir: the weight average when the run keeps one

@@ -89,8 +89,20 @@ def start_run(setup: Setup, rank: int, world: int, device: torch.device) -> Run:
     if cfg.ema_decay > 0:
         kept = ckpt if ckpt is not None else {}
         average = WeightAverage(model, cfg.ema_decay, kept.get("ema"), kept.get("ema_updates", 0))
-    return Run(cfg, setup.model_cfg, setup.ckpt_path, ckpt is not None, model, optimizer, step, provenance, average,
-               rank, world, device)
+    return Run(
+        cfg,
+        setup.model_cfg,
+        setup.ckpt_path,
+        ckpt is not None,
+        model,
+        optimizer,
+        step,
+        provenance,
+        average,
+        rank,
+        world,
+        device,
+    )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
@@ -98,25 +110,41 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     (gamma_lr) and a variable-rate model's β tables (conditioning_lr)."""
     groups = {"other": [], "gamma": [], "conditioning": []}
     for name, param in model.named_parameters():
-        key = ("gamma" if name == "likelihood.log_gamma" else
-               "conditioning" if name.startswith("conditioning.") else "other")
+        key = (
+            "gamma"
+            if name == "likelihood.log_gamma"
+            else "conditioning"
+            if name.startswith("conditioning.")
+            else "other"
+        )
         groups[key].append(param)
-    lr_scale = {"other": 1.0, "gamma": cfg.gamma_lr / cfg.lr if cfg.gamma_lr else 1.0,
-                "conditioning": cfg.conditioning_lr / cfg.lr if cfg.conditioning_lr else 1.0}
+    lr_scale = {
+        "other": 1.0,
+        "gamma": cfg.gamma_lr / cfg.lr if cfg.gamma_lr else 1.0,
+        "conditioning": cfg.conditioning_lr / cfg.lr if cfg.conditioning_lr else 1.0,
+    }
     # the groups keep this order (and an empty conditioning group), so fixed-β checkpoints resume as before
-    return torch.optim.Adam([{"params": params, "lr_scale": lr_scale[key]} for key, params in groups.items()
-                             if params or key != "conditioning"], lr=cfg.lr)
+    return torch.optim.Adam(
+        [
+            {"params": params, "lr_scale": lr_scale[key]}
+            for key, params in groups.items()
+            if params or key != "conditioning"
+        ],
+        lr=cfg.lr,
+    )
 
 
 def load_weights(model, state: dict) -> None:
     """Load a state dict; a variable-rate model may take a fixed-β model's weights, its missing
     conditioning tables keeping their zero start (the same function at every β)."""
-    result = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                                   strict=False)
+    result = model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False
+    )
     missing = [k for k in result.missing_keys if not k.startswith("conditioning.")]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"weights do not fit this model: missing {missing[:3]}, unexpected "
-                           f"{result.unexpected_keys[:3]}")
+        raise RuntimeError(
+            f"weights do not fit this model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
 
 
 def load_initial_weights(model, path: str) -> dict:
