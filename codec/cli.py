@@ -16,6 +16,8 @@ Each input prints one line (bpp from the file size, header included); --json pri
 object per line instead. Errors print one line each on stderr. Outputs are written to a
 temporary file and renamed; existing outputs need --force; an input is never overwritten.
 Exit status: 0 all inputs done, 1 some input failed, 2 usage error, 130 interrupted.
+The argument parser and the four subcommands stay in this one file (past ~300 lines) so that the
+command reads top to bottom; the per-input loop shared by encode and decode is codec/cli_jobs.py.
 """
 
 import argparse

@@ -1,7 +1,9 @@
 """REC coder parameters: one frozen dataclass per level plus shared knobs, and presets.
 
 Only the fields in `format_bytes` change the bytes a decoder must understand; the others
-(margin, outlier limit, oversampling, selection, memory, GEMM dtype) steer the encoder only.
+(margin, outlier limit, oversampling, selection, memory, GEMM dtype, shard decay choices) steer
+the encoder only. The presets and the table of registered parameter sets live here with the
+dataclasses, past ~300 lines, so that every change to what a file may say is reviewed in one place.
 """
 
 import json

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from codec.level import decode_level, encode_level, kl_nats, standardise
+from codec.level import decode_level, encode_level
+from codec.plan import kl_nats, standardise
 from codec.params import CoderParams
 
 SHAPES = {1: (1, 128, 32, 48), 2: (1, 24, 16, 24)}

@@ -7,7 +7,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from codec.entropy import RecDecodeError
-from codec.level import decode_level, encode_level, kl_nats, standardise
+from codec.level import decode_level, encode_level
+from codec.plan import kl_nats, standardise
 from codec.params import CoderParams, LevelParams
 
 # Small budgets keep the suite fast; the samplers and layouts are the same as the presets'.
@@ -395,7 +396,7 @@ def test_posterior_wider_than_prior_round_trips(level):
 
 
 def test_no_empty_first_group_and_no_wasted_last_group():
-    from codec.level import partition
+    from codec.plan import partition
     import numpy as np
 
     sizes = partition(np.array([0.5] * 10 + [30.0] + [0.5] * 3), budget_bits=4.0, max_size=15)
