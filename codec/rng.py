@@ -288,3 +288,56 @@ def gumbel(seed: int, level: int, groups: torch.Tensor, rows: torch.Tensor) -> t
     base = _signed(counter_base(GUMBEL, level))
     u = uniform53(seed, base | (groups.to(torch.int64) << ROW_BITS) | rows.to(torch.int64))
     return -torch.log(-torch.log(u))
+
+
+# --- the exact coders' streams (codec/pfr.py) -------------------------------------------------
+# Counter payload: sub-stream (2 bits) | block (20) | candidate index (28) | dim in block (8).
+PFR = 6
+PFR_POINT, PFR_ARRIVAL, PFR_BIN = 0, 1, 2  # shared within-bin points; private arrivals; private bins
+PFR_BLOCK_BITS, PFR_INDEX_BITS, PFR_DIM_BITS = 20, 28, 8
+
+
+def pfr_counters(level: int, sub: int, blocks: torch.Tensor, indices: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """Counters of the PFR domain (broadcasting): (sub-stream, block, candidate index, dim in block)."""
+    base = _signed(counter_base(PFR, level) | (sub << (PFR_BLOCK_BITS + PFR_INDEX_BITS + PFR_DIM_BITS)))
+    return (
+        base
+        | (blocks.to(torch.int64) << (PFR_INDEX_BITS + PFR_DIM_BITS))
+        | (indices.to(torch.int64) << PFR_DIM_BITS)
+        | dims.to(torch.int64)
+    )
+
+
+def pfr_point_words(
+    seed: int, level: int, blocks: torch.Tensor, ks: torch.Tensor, dims: torch.Tensor, bin_keys: torch.Tensor
+) -> torch.Tensor:
+    """Shared uniform words (low 32 bits of int64) of point k of bin `bin_keys` of a block, per dim.
+
+    The bin key (up to 63 bits) does not fit the counter, so it keys a second SplitMix64 round:
+    mix64(h + (bin_key + 1) * GAMMA) with h the hash of (block, k, dim). For one (block, k, dim)
+    this is a bijection of the bin key, so distinct bins never share a word.
+    """
+    h = hash64(seed, pfr_counters(level, PFR_POINT, blocks, ks, dims))
+    h = torch.broadcast_tensors(h, bin_keys)[0].clone()
+    x = bin_keys.to(torch.int64).expand_as(h).clone()
+    x.mul_(_signed(GAMMA)).add_(h).add_(_signed(GAMMA))
+    return mix64_(x, torch.empty_like(x)) & 0xFFFFFFFF
+
+
+def normal_quantile_words(words: torch.Tensor) -> torch.Tensor:
+    """float32 quantile of the table N(0,1) at the 32-bit fixed-point uniforms `words` (int64).
+
+    Monotone in the word: the upper half maps to +H(v) and the lower half, mirrored, to -H(v),
+    with normal_from_bits' table H. So 2^l consecutive equal ranges of words are 2^l bins of
+    equal mass under the table distribution, the proposal every coder here draws from.
+    """
+    w = words & 0xFFFFFFFF
+    flip = torch.where(w < 0x80000000, 0xFFFFFFFF, 0x80000000)  # lower half: mirror, then set the sign bit
+    return normal_from_bits(w ^ flip)
+
+
+def pfr_private_uniforms(
+    seed: int, level: int, sub: int, blocks: torch.Tensor, indices: torch.Tensor, dims: torch.Tensor
+) -> torch.Tensor:
+    """Encoder-private float64 uniforms in (0, 1): arrival gaps (PFR_ARRIVAL) and bin draws (PFR_BIN)."""
+    return uniform53(seed, pfr_counters(level, sub, blocks, indices, dims))

@@ -1,0 +1,443 @@
+"""Block-wise Poisson-functional-representation coders of diagonal Gaussians, exact and truncated.
+
+Each block b of dims carries a target q = N(m, diag v) in prior-standardised space (prior
+p = N(0, I)) and is coded on its own: encoder and decoder share a stream of candidate points,
+the encoder picks one, and only its index is sent. Four methods share one search:
+
+* **pfr** (Li & El Gamal's Poisson functional representation = global-bound A* coding, the
+  exact oracle). Shared candidates X_n ~ p, keyed by (block, n, dim); encoder-private arrivals
+  T_n = E_1 + ... + E_n, E ~ Exp(1). K = argmin_n T_n / r(X_n), r = q / p. The search stops at
+  the first n with T_n / r_max > the best ratio so far (no later candidate can win), r_max =
+  exp(D_inf) = prod_d exp(-ln(v_d)/2 + m_d^2 / (2 (1 - v_d))). X_K ~ q exactly;
+  E[log2 K] <= KL + (e^-1 + ln 2) / ln 2 ~ KL + 1.53 bits; runtime ~ 2^D_inf steps, finite only
+  when every v_d < 1 (a dim with v_d >= 1 makes r unbounded: refused with ValueError, except
+  v_d = 1, m_d = 0, where r_d = 1).
+* **orc** (ordered random coding / truncated PFR, Theis & Yosri 2022): the same arrivals, a fixed
+  budget of N candidates, n* = argmax_{n < N} log r(X_n) - log T_n. Biased for N << 2^KL,
+  exact as N -> inf; needs no bound, so any v is allowed.
+* **sp-pfr / sp-orc** (space partitioning, He, Flamich & Hernandez-Lobato 2024). Dim d of a block
+  is cut into J_d = 2^l_d intervals of equal prior mass (sum_d l_d = L_b bits, given by the
+  caller: `bin_bits`, e.g. from `allocate_bin_bits` over per-dim information both sides know).
+  The encoder searches the reweighted proposal p'(x) = J pi_j(x) p(x), pi_j = prod_d Q_d(bin j_d):
+  arrival n draws its bin j from pi (privately, one Q-distributed y_d per dim, j_d =
+  floor(J_d Phi(y_d))), and its point is the k-th point of that bin's shared stream, keyed by
+  (block, bin tuple, k, dim), where k counts earlier arrivals in the same bin. Its weight is
+  r' = q / p' = r / (J pi_j). The bin tuple is sent raw (L_b bits) with k. Exact when run to the
+  PFR stopping rule with r'_max = sup r' (per dim, the max over its bins of the sup of r_d on the
+  bin over J_d pi_d,j); runtime ~ 2^D_inf[q || p'], far below 2^D_inf[q || p] when the bins
+  follow q. The code length is bounded by KL + E[eps] + log2(KL - L + E[eps] + 1) + O(1) with
+  eps = E_q[L - log2 r] (the poster: E[eps] <= 0.9 sqrt(KL) for Gaussians). With all l_d = 0 it
+  is plain pfr / orc, by the same code path.
+
+The proposal is the table N(0, 1) of codec/rng.py (integer hashing and a quantile table), so
+the decoder's sample is the same float32 on every device; a bin is a range of the 32-bit
+fixed-point uniform that table maps, so the bins have exactly equal mass under it. Its support
+ends at |x| ~ 6.3: targets far outside it are not reached by any candidate.
+
+Index coding: per block the bin tuple as L_b raw bits, and k >= 1 as a bucket floor(log2 k),
+rANS-coded with a histogram table sent in the stream (codec/entropy.py, or raw when cheaper),
+plus floor(log2 k) raw mantissa bits.
+
+    u8 format version | u8 method | u32 n_blocks | u32 len(rans) | rANS buckets
+    | raw bits (bucket table, bin tuples, mantissas) | u32 CRC32 of everything before
+
+Everything is batched over blocks (no Python loop over blocks); the search loops over chunks
+of candidates, each for all blocks still searching.
+"""
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from codec import rng
+from codec.entropy import BitReader, BitWriter, RecDecodeError, bucketize, decode_fields, encode_fields, unbucketize
+
+FORMAT_VERSION = 1
+METHODS = {"pfr": 1, "orc": 2, "sp-pfr": 3, "sp-orc": 4}
+EXACT_METHODS = ("pfr", "sp-pfr")
+MAX_DIMS_PER_BLOCK = 1 << rng.PFR_DIM_BITS
+MAX_BLOCKS = 1 << rng.PFR_BLOCK_BITS
+MAX_INDEX = 1 << rng.PFR_INDEX_BITS  # k - 1 is the counter's candidate field
+MAX_BIN_BITS_PER_DIM = 20  # keeps >= 12 bits of the 32-bit uniform inside a bin
+MAX_BIN_BITS_PER_BLOCK = 62  # the bin tuple is one non-negative int64
+_BUCKETS = 32  # floor(log2 k) < 28
+_BOUND_MARGIN_NATS = 1e-3  # the table's bin edges differ from Phi^-1's by ~1e-9: a safe r_max
+_LN2 = math.log(2.0)
+DEFAULT_BIN_MIX = 0.05  # share of uniformly drawn bins in the SP search (encoder-only)
+
+
+@dataclass
+class BlockLayout:
+    """Dims in block order (block b holds sizes[b] consecutive dims) and their bins."""
+
+    sizes: torch.Tensor  # (B,) int64
+    dim_block: torch.Tensor  # (D,) block of each dim
+    dim_pos: torch.Tensor  # (D,) position of each dim inside its block
+    bin_bits: torch.Tensor  # (D,) l_d: dim d is cut into 2^l_d bins
+    key_shift: torch.Tensor  # (D,) where j_d sits in its block's bin tuple
+    block_bin_bits: torch.Tensor  # (B,) L_b = sum of the block's l_d
+
+    @property
+    def n_blocks(self) -> int:
+        return self.sizes.numel()
+
+
+def make_layout(block_sizes, bin_bits, device) -> BlockLayout:
+    sizes = torch.as_tensor(block_sizes, dtype=torch.int64, device=device).flatten()
+    if sizes.numel() == 0 or int(sizes.min()) < 1:
+        raise ValueError("blocks must be non-empty and hold at least one dim each")
+    if sizes.numel() > MAX_BLOCKS or int(sizes.max()) > MAX_DIMS_PER_BLOCK:
+        raise ValueError(f"at most {MAX_BLOCKS} blocks of at most {MAX_DIMS_PER_BLOCK} dims")
+    n_dims = int(sizes.sum())
+    dim_block = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    dim_pos = torch.arange(n_dims, device=device) - starts[dim_block]
+    if bin_bits is None:
+        bits = torch.zeros(n_dims, dtype=torch.int64, device=device)
+    else:
+        bits = torch.as_tensor(bin_bits, dtype=torch.int64, device=device).flatten()
+    if bits.numel() != n_dims or int(bits.min()) < 0 or int(bits.max()) > MAX_BIN_BITS_PER_DIM:
+        raise ValueError(f"bin_bits must hold one value in [0, {MAX_BIN_BITS_PER_DIM}] per dim")
+    block_bits = torch.zeros(sizes.numel(), dtype=torch.int64, device=device).index_add_(0, dim_block, bits)
+    if int(block_bits.max()) > MAX_BIN_BITS_PER_BLOCK:
+        raise ValueError(f"at most {MAX_BIN_BITS_PER_BLOCK} bin bits per block")
+    key_shift = torch.cumsum(bits, 0) - bits
+    key_shift -= (torch.cumsum(block_bits, 0) - block_bits)[dim_block]
+    return BlockLayout(sizes, dim_block, dim_pos, bits, key_shift, block_bits)
+
+
+def _block_sum(values: torch.Tensor, dim_block: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Sum of per-dim values over each block, along the last axis."""
+    out = values.new_zeros(*values.shape[:-1], n_blocks)
+    return out.index_add_(values.dim() - 1, dim_block, values)
+
+
+# --- per-dim information: KL, D_inf, bin allocation ------------------------------------------
+
+
+def kl_bits(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-dim KL(N(m, v) || N(0, 1)) in bits."""
+    return 0.5 * (v + m * m - 1.0 - torch.log(v)) / _LN2
+
+
+def dinf_bits(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-dim D_inf = log2 sup_x q(x) / p(x) (inf where v >= 1, except v = 1, m = 0: 0)."""
+    trivial = (v == 1.0) & (m == 0.0)
+    d = (-0.5 * torch.log(v) + 0.5 * m * m / (1.0 - v)) / _LN2
+    d = torch.where(v < 1.0, d, torch.full_like(d, math.inf))
+    return torch.where(trivial, torch.zeros_like(d), d)
+
+
+def allocate_bin_bits(info_bits: torch.Tensor, block_sizes, block_bin_bits) -> torch.Tensor:
+    """l_d proportional to each dim's share of its block's information (largest remainder).
+
+    `info_bits` is per-dim information both sides know (for a channel, the mutual information;
+    for the toys here, the true per-dim KL). Block b gets L_b = block_bin_bits[b] bits, fewer
+    where the per-dim cap MAX_BIN_BITS_PER_DIM binds.
+    """
+    info = info_bits.double().clamp(min=0.0)
+    lay = make_layout(block_sizes, None, info.device)
+    target = torch.as_tensor(block_bin_bits, dtype=torch.int64, device=info.device).expand(lay.n_blocks)
+    total = _block_sum(info, lay.dim_block, lay.n_blocks)
+    share = torch.where(total > 0, target.double() / total.clamp(min=1e-300), 0.0)[lay.dim_block] * info
+    base = share.floor()
+    frac = share - base
+    left = target - _block_sum(base, lay.dim_block, lay.n_blocks).long()
+    # rank of each dim's remainder inside its block, largest first: sort by (block, -frac)
+    order = torch.argsort(lay.dim_block.double() * 2.0 - frac, stable=True)
+    starts = torch.cumsum(lay.sizes, 0) - lay.sizes
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=info.device) - starts[lay.dim_block[order]]
+    bits = base.long() + (rank < left[lay.dim_block]).long()
+    return bits.clamp(max=MAX_BIN_BITS_PER_DIM)
+
+
+# --- the shared proposal --------------------------------------------------------------------
+
+
+def _points(seed, level, lay: BlockLayout, dims, ks, keys) -> torch.Tensor:
+    """float32 point k (1-based) of bin `keys` of each dim's block, for dims `dims` (broadcasting)."""
+    bits = lay.bin_bits[dims]
+    j = (keys >> lay.key_shift[dims]) & ((1 << bits) - 1)
+    words = rng.pfr_point_words(seed, level, lay.dim_block[dims], ks - 1, lay.dim_pos[dims], keys)
+    return rng.normal_quantile_words((j << (32 - bits)) | (words >> bits))
+
+
+def _log_interval_mass(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """log(Phi(hi) - Phi(lo)) for lo < hi, accurate in both tails and for narrow intervals."""
+    flip = lo > 0  # work on the side of the mean where Phi is small
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    return lb + torch.log(-torch.expm1(la - lb))
+
+
+def _bin_edges(j: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior quantile edges of bin j of 2^bits equal-mass bins (float64, +-inf at the ends)."""
+    n_bins = (1 << bits).double()
+    return torch.special.ndtri(j.double() / n_bins), torch.special.ndtri((j + 1).double() / n_bins)
+
+
+def _log_bin_weight(m, s, j, bits, mix: float) -> torch.Tensor:
+    """log pi_d,j = log((1 - mix) Q_d(bin j) + mix / J_d): the search's probability of bin j."""
+    lo, hi = _bin_edges(j, bits)
+    log_q = _log_interval_mass((lo - m) / s, (hi - m) / s)
+    if mix == 0.0:
+        return log_q
+    return torch.logaddexp(log_q + math.log1p(-mix), math.log(mix) - bits * _LN2)
+
+
+def _log_ratio_dims(x: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-dim log q(x)/p(x) in nats (float64)."""
+    return -0.5 * (x - m) ** 2 / v - 0.5 * torch.log(v) + 0.5 * x * x
+
+
+def _log_bounds(m, v, lay: BlockLayout, mix: float) -> torch.Tensor:
+    """Per block log sup_x r'(x) in nats: per dim, the max over its bins of sup r_d / (J_d pi_d,j).
+
+    log r_d is a concave quadratic (v < 1) peaking at x* = m / (1 - v), so its sup over a bin is
+    at x* clamped into the bin. Evaluated on every bin of every dim (sum_d 2^l_d entries).
+    """
+    n_bins = 1 << lay.bin_bits
+    dims = torch.repeat_interleave(torch.arange(m.numel(), device=m.device), n_bins)
+    j = torch.arange(dims.numel(), device=m.device) - (torch.cumsum(n_bins, 0) - n_bins)[dims]
+    md, vd, bits = m[dims], v[dims], lay.bin_bits[dims]
+    peak = torch.where(vd < 1.0, md / (1.0 - vd).clamp(min=1e-300), torch.zeros_like(md))
+    lo, hi = _bin_edges(j, bits)
+    x = torch.minimum(torch.maximum(peak, lo), hi)
+    per_bin = _log_ratio_dims(x, md, vd) - bits * _LN2 - _log_bin_weight(md, vd.sqrt(), j, bits, mix)
+    per_dim = torch.full_like(m, -math.inf).scatter_reduce_(0, dims, per_bin, "amax")
+    return _block_sum(per_dim, lay.dim_block, lay.n_blocks) + _BOUND_MARGIN_NATS
+
+
+# --- the search -----------------------------------------------------------------------------
+
+
+class _BinCounter:
+    """How many arrivals each (block, bin tuple) has had: gives an arrival its index k in its bin."""
+
+    def __init__(self, device):
+        self.pairs = torch.zeros(0, 2, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(0, dtype=torch.int64, device=device)
+
+    def next_ks(self, blocks: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """1-based k of each arrival of (C, A) `keys` (arrival order = row order) of `blocks` (A,)."""
+        chunk = torch.stack([blocks.expand_as(keys), keys], dim=-1).view(-1, 2)
+        uniq, inv = torch.unique(torch.cat([self.pairs, chunk]), dim=0, return_inverse=True)
+        before = torch.zeros(uniq.shape[0], dtype=torch.int64, device=keys.device)
+        before[inv[: self.pairs.shape[0]]] = self.counts
+        new = inv[self.pairs.shape[0] :]
+        in_chunk = torch.bincount(new, minlength=uniq.shape[0])
+        order = torch.sort(new, stable=True).indices  # same bin: in arrival order
+        rank = torch.empty_like(new)
+        rank[order] = torch.arange(new.numel(), device=keys.device) - (torch.cumsum(in_chunk, 0) - in_chunk)[new[order]]
+        self.pairs, self.counts = uniq, before + in_chunk
+        return (before[new] + rank + 1).view(keys.shape)
+
+    def keep_blocks(self, still: torch.Tensor) -> None:
+        keep = still[self.pairs[:, 0]]
+        self.pairs, self.counts = self.pairs[keep], self.counts[keep]
+
+
+@dataclass
+class _Best:
+    score: torch.Tensor  # (B,) log r'(X) - log T of the best arrival so far
+    key: torch.Tensor  # (B,) its bin tuple
+    k: torch.Tensor  # (B,) its index in the bin
+
+
+@torch.no_grad()
+def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, memory_elems, mix):
+    """Run the (SP-)PFR / (SP-)ORC search of every block: returns (best, steps, capped)."""
+    device = m.device
+    n_blocks = lay.n_blocks
+    spatial = bool(lay.bin_bits.any())
+    s = v.sqrt()
+    log_bound = _log_bounds(m, v, lay, mix) if exact else None
+    limit = max_steps if exact else budget
+    best = _Best(
+        torch.full((n_blocks,), -math.inf, dtype=torch.float64, device=device),
+        torch.zeros(n_blocks, dtype=torch.int64, device=device),
+        torch.ones(n_blocks, dtype=torch.int64, device=device),
+    )
+    steps = torch.full((n_blocks,), limit, dtype=torch.int64, device=device)
+    capped = torch.zeros(n_blocks, dtype=torch.bool, device=device)
+    t_last = torch.zeros(n_blocks, dtype=torch.float64, device=device)
+    active = torch.ones(n_blocks, dtype=torch.bool, device=device)
+    counter = _BinCounter(device)
+    n0, chunk = 0, 64
+    while n0 < limit and bool(active.any()):
+        blocks = torch.nonzero(active).squeeze(1)  # (A,)
+        dims = torch.nonzero(active[lay.dim_block]).squeeze(1)  # (D_a,) in block order
+        local = torch.cumsum(active.long(), 0)[lay.dim_block[dims]] - 1  # dim -> column of its block
+        c = max(1, min(chunk, memory_elems // max(1, dims.numel()), limit - n0))
+        ns = torch.arange(n0, n0 + c, device=device)[:, None]  # (C, 1)
+        gaps = -torch.log(rng.pfr_private_uniforms(seed, level, rng.PFR_ARRIVAL, blocks, ns, torch.zeros_like(ns)))
+        t = t_last[blocks] + torch.cumsum(gaps, 0)  # (C, A) arrival times
+        md, sd, vd, bits = m[dims], s[dims], v[dims], lay.bin_bits[dims]
+        if spatial:  # bin of each arrival ~ pi: a private y ~ q per dim, j = floor(J Phi(y))
+            u = rng.pfr_private_uniforms(seed, level, rng.PFR_BIN, lay.dim_block[dims], ns, lay.dim_pos[dims])
+            n_bins = 1 << bits
+            from_q = u >= mix  # else a uniform bin: the mixture keeps far bins' weight bounded
+            u = torch.where(from_q, (u - mix) / (1.0 - mix), u / mix if mix > 0 else u)
+            cdf = torch.where(from_q, torch.special.ndtr(md + sd * torch.special.ndtri(u)), u)
+            j = torch.minimum((cdf * n_bins).floor().long(), n_bins - 1)
+            keys = _block_sum(j << lay.key_shift[dims], local, blocks.numel())  # disjoint bit fields
+            ks = counter.next_ks(blocks, keys)
+            log_pi = _log_bin_weight(md, sd, j, bits, mix)
+        else:
+            keys = torch.zeros(c, blocks.numel(), dtype=torch.int64, device=device)
+            ks = (ns + 1).expand_as(keys)
+            log_pi = torch.zeros((), dtype=torch.float64, device=device)
+        x = _points(seed, level, lay, dims, ks[:, local], keys[:, local]).double()
+        per_dim = _log_ratio_dims(x, md, vd) - bits * _LN2 - log_pi
+        score = _block_sum(per_dim, local, blocks.numel()) - torch.log(t)  # (C, A)
+        chunk_best, at = score.max(0)
+        before_chunk = best.score[blocks]
+        better = chunk_best > before_chunk
+        cols = torch.arange(blocks.numel(), device=device)
+        take = blocks[better]
+        best.score[take] = chunk_best[better]
+        best.key[take] = keys[at, cols][better]
+        best.k[take] = ks[at, cols][better]
+        if int(ks.max()) >= MAX_INDEX:
+            raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller budget or max_steps")
+        n0 += c
+        t_last[blocks] = t[-1]
+        if exact:  # stop at the first n with log r'_max - log T_n < the best score before n
+            shifted = torch.cat([torch.full_like(score[:1], -math.inf), torch.cummax(score, 0).values[:-1]])
+            done = log_bound[blocks][None] - torch.log(t) < torch.maximum(shifted, before_chunk[None])
+            stopped = done.any(0)
+            steps[blocks[stopped]] = n0 - c + (~done).sum(0)[stopped]
+            active[blocks[stopped]] = False
+        if n0 >= limit:
+            capped[blocks[active[blocks]]] = exact
+            active[:] = False
+        if spatial:
+            counter.keep_blocks(active)
+        chunk *= 2
+    return best, steps, capped
+
+
+# --- index coding ---------------------------------------------------------------------------
+
+
+def _pack(method: str, lay: BlockLayout, keys: torch.Tensor, ks: torch.Tensor) -> bytes:
+    bits = BitWriter()
+    buckets, mantissas, widths = bucketize(ks.cpu().numpy(), 0)
+    rans = encode_fields([(buckets, _BUCKETS)], bits)
+    bits.write(keys.cpu().numpy(), lay.block_bin_bits.cpu().numpy())
+    bits.write(mantissas, widths)
+    body = struct.pack(">BBII", FORMAT_VERSION, METHODS[method], lay.n_blocks, len(rans)) + rans + bits.getvalue()
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def _unpack(data: bytes, method: str, lay: BlockLayout) -> tuple[np.ndarray, np.ndarray]:
+    head = struct.calcsize(">BBII")
+    if len(data) < head + 4 or zlib.crc32(data[:-4]) != struct.unpack(">I", data[-4:])[0]:
+        raise RecDecodeError("PFR section truncated or corrupted (CRC mismatch)")
+    version, method_id, n_blocks, n_rans = struct.unpack(">BBII", data[:head])
+    if version != FORMAT_VERSION or method_id != METHODS[method] or n_blocks != lay.n_blocks:
+        raise RecDecodeError(f"PFR section written with other parameters (format {version}, method {method_id})")
+    if head + n_rans > len(data) - 4:
+        raise RecDecodeError("PFR section truncated")
+    bits = BitReader(data[head + n_rans : -4])
+    (buckets,) = decode_fields(data[head : head + n_rans], [(n_blocks, _BUCKETS)], bits)
+    keys = bits.read(n_blocks, lay.block_bin_bits.cpu().numpy()).astype(np.int64)
+    ks = unbucketize(buckets, bits, False)
+    bits.finish()
+    if ks.max() >= MAX_INDEX:
+        raise RecDecodeError("PFR index out of range")
+    return keys, ks
+
+
+# --- the API --------------------------------------------------------------------------------
+
+
+def _check_method(method: str, bin_bits) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if not method.startswith("sp-") and bin_bits is not None and bool(torch.as_tensor(bin_bits).any()):
+        raise ValueError(f"{method} takes no bins: use sp-{method}")
+
+
+def _regenerate(seed, level, lay: BlockLayout, keys: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    dims = torch.arange(lay.dim_block.numel(), device=keys.device)
+    return _points(seed, level, lay, dims, ks[lay.dim_block], keys[lay.dim_block])
+
+
+@torch.no_grad()
+def encode_blocks(
+    m: torch.Tensor,
+    v: torch.Tensor,
+    block_sizes,
+    *,
+    seed: int,
+    method: str,
+    budget: int | None = None,
+    bin_bits=None,
+    level: int = 0,
+    max_steps: int = 1 << 20,
+    memory_elems: int = 1 << 18,
+    bin_mix: float = DEFAULT_BIN_MIX,
+) -> tuple[torch.Tensor, bytes, dict]:
+    """Code q = N(m, diag v) (prior-standardised, blocks of `block_sizes` consecutive dims).
+
+    `method` is one of METHODS. orc / sp-orc search `budget` candidates per block; pfr / sp-pfr
+    run to the PFR stopping rule, at most `max_steps` arrivals (blocks that reach it are flagged
+    in stats["capped"]: their sample is then the truncated search's, not exact). sp-* take
+    `bin_bits` (l_d per dim), which the decoder must be given too. `memory_elems` bounds the
+    candidate-dim values evaluated at once. Returns the float32 sample (what decode_blocks
+    rebuilds), the bytes, and per-block stats (tensors): steps, index k, bin key, capped,
+    kl_bits, dinf_bits, bound_bits (log2 of the search's r'_max), code_bits (total, float).
+    """
+    _check_method(method, bin_bits)
+    m, v = m.double().flatten(), v.double().flatten()
+    lay = make_layout(block_sizes, bin_bits, m.device)
+    if m.numel() != lay.dim_block.numel() or v.numel() != m.numel():
+        raise ValueError("m and v must hold one value per dim of the blocks")
+    if not bool((v > 0).all()):
+        raise ValueError("variances must be positive")
+    exact = method in EXACT_METHODS
+    if exact and not bool(torch.isfinite(dinf_bits(m, v)).all()):
+        raise ValueError(f"{method} needs every v < 1 (r = q/p is unbounded otherwise): use orc / sp-orc")
+    if not exact and (budget is None or not 1 <= budget <= MAX_INDEX):
+        raise ValueError(f"{method} needs a candidate budget in [1, {MAX_INDEX}]")
+    best, steps, capped = _search(
+        m,
+        v,
+        lay,
+        seed=seed,
+        level=level,
+        exact=exact,
+        budget=budget,
+        max_steps=min(max_steps, MAX_INDEX - 1),
+        memory_elems=memory_elems,
+        mix=bin_mix,
+    )
+    data = _pack(method, lay, best.key, best.k)
+    sample = _regenerate(seed, level, lay, best.key, best.k)
+    stats = dict(
+        steps=steps,
+        index=best.k,
+        bin_key=best.key,
+        capped=capped,
+        kl_bits=_block_sum(kl_bits(m, v), lay.dim_block, lay.n_blocks),
+        dinf_bits=_block_sum(dinf_bits(m, v), lay.dim_block, lay.n_blocks),
+        bound_bits=_log_bounds(m, v, lay, bin_mix) / _LN2 if exact else None,
+        code_bits=8.0 * len(data),
+    )
+    return sample, data, stats
+
+
+@torch.no_grad()
+def decode_blocks(block_sizes, data: bytes, *, seed: int, method: str, bin_bits=None, level: int = 0, device="cpu"):
+    """The encoder's float32 sample from its bytes: only the chosen candidate of each block is hashed."""
+    _check_method(method, bin_bits)
+    lay = make_layout(block_sizes, bin_bits, torch.device(device))
+    keys, ks = _unpack(data, method, lay)
+    keys_t = torch.from_numpy(keys).to(lay.sizes.device)
+    return _regenerate(seed, level, lay, keys_t, torch.from_numpy(ks).to(lay.sizes.device))
