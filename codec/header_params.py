@@ -1,6 +1,7 @@
 """The header's coder parameters: CoderParams <-> the bytes a .rec header carries for its decoder."""
 
 import json
+import struct
 import zlib
 
 from codec.bitstream import RecFormatError, RecHeader
@@ -46,8 +47,11 @@ def params_from_header(header: RecHeader, num_levels: int) -> CoderParams:
             text = d.decompress(data, _MAX_JSON)
             if d.unconsumed_tail or not d.eof:
                 raise ValueError("bad zlib stream")
-            return CoderParams.from_dict(json.loads(text.decode("utf-8")))
-        except (zlib.error, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            params = CoderParams.from_dict(json.loads(text.decode("utf-8")))
+            # the decoder fields must be what b"P" could carry (ints where ints go, a finite outlier range)
+            CoderParams.from_format_bytes(params.levels_format_bytes(num_levels), num_levels)
+            return params
+        except (zlib.error, ValueError, TypeError, KeyError, AttributeError, RecursionError, struct.error) as e:
             raise RecFormatError("coder_params", f"invalid coder parameters ({e})") from None
     raise RecFormatError("coder_params", f"unknown encoding {tag!r}")
 
