@@ -1,30 +1,173 @@
-"""Fuzz the .rec reader and decoder: flip and truncate bytes of real .rec files.
+"""Fuzz the .rec reader and decoder with mutated real files, from raw byte damage to structure-aware forgeries.
 
-    python -m scripts.fuzz_rec --cases 20000 --seed 1      # tiny random models, a few minutes
+    python -m scripts.fuzz_rec --cases 100000 --seed 1          # JSON report on stdout
+    python -m scripts.fuzz_rec --seed 1 --first 4711 --cases 1  # replay case 4711 of that run
 
-Two kinds of mutations of a valid file:
-  raw      byte flips, bit flips, truncations, appended bytes: decoding must raise
-           RecFormatError (the CRC or a structural check catches every one);
-  recrc    the same, then the CRC recomputed, so header validation and the coder's own checks
-           are exercised: decoding may also succeed (e.g. another seed) or raise
-           ModelNotFoundError (another model hash), but nothing else.
-Every case runs under a time limit (SIGALRM); a hang fails the run. Exit status 1 on any failure.
+The corpus: real .rec files from tiny random models whose posterior heads are set sharp enough that
+the levels carry outliers, rANS side information and index bits: a PLN and a VAE (fixed β) and a
+variable-rate PLN (β codes), each coded with every preset and a custom parameter set (carried as
+b"P" fields), at a few sizes.
+
+Mutation kinds; case i has kind kinds[i % len(kinds)] and its own generator seeded by (seed, i):
+  raw      byte and bit flips, truncations, appended and deleted bytes anywhere in the file; the file
+           CRC stays wrong.
+  recrc    the same, then the file CRC recomputed: header validation and the coder's own checks.
+  section  inside one section's body: bit flips in its head (version, sampler, params check), new
+           values or malformed encodings of its varint counts, flips, truncations, insertions and
+           deletions in its rANS part or its raw bits; then the section's CRC recomputed and the file
+           repacked with pack_rec, so every CRC is valid.
+  header   crafted headers on valid sections: extreme heights and widths (up to 2^32 - 1, forged
+           100 Mpx and 65535x65535 sizes), every registered parameter id and unknown ones, malformed
+           b"P" and b"J" parameter fields, β codes at and past the model's range and the format's
+           ends, another model's hash or name, other seeds, RNG and format versions.
+  splice   sections from other files (other models, presets, sizes, seeds): a VAE section in a PLN
+           file, levels of two files combined, sections swapped, duplicated, dropped or added.
+
+What counts as a failure: every case must end in a decoded (H, W, 3) uint8 image, in RecFormatError,
+or in ModelNotFoundError when the header names a model hash that is not in the corpus; a raw case
+must raise RecFormatError. Anything else fails the run: another exception type (MemoryError
+included), a case running past --timeout (a hang), the decoding process dying (a crash). Each
+failure names the seed, the case index and the mutation, which --first replays.
+
+Memory: the cases run in a child process whose address space is limited (RLIMIT_AS) to its size
+after loading the corpus plus --memory-mb (default 1024 MiB, well below one forged 100 Mpx image in
+float32), so an allocation sized by a forged header fails as MemoryError (or torch's RuntimeError),
+which is a failure, and a hang or crash of that process is reported with its case. A forged size
+must fail before it allocates anything of its size: decompress rejects more than max_pixels
+(codec.api.MAX_PIXELS, the default here too) before it resolves the model, and below that the
+coder rejects sections that do not cover the latent before it decodes indices.
 """
 
 import argparse
+import dataclasses
+import json
+import multiprocessing
+import re
+import resource
 import signal
 import struct
 import sys
 import tempfile
 import time
 import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from codec.api import MAX_PIXELS, compress_image, decompress
+from codec.bitstream import MAX_SECTIONS, RecFormatError, RecHeader, beta_to_code, pack_rec, unpack_rec
+from codec.header_params import params_from_header
+from codec.level import _read_varint, _varint
+from codec.params import _FORMAT, REGISTERED_FORMATS, CoderParams
+from codec.store import ModelNotFoundError, ModelStore
+from models import ModelConfig, build_model, save_model
+
+KINDS = ("raw", "recrc", "section", "header", "splice")
+STRUCTURED_KINDS = KINDS[2:]
+CODERS = ("fast", "thesis", "thesis-importance", "thesis-code", "custom")
+SIZES = ((37, 53), (1, 1), (70, 90), (128, 192))
+_TINY = dict(channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-6.0)
+MODELS = {
+    "pln": dict(arch="pln", **_TINY),
+    "vae": dict(arch="vae", **_TINY),
+    "vbr": dict(arch="pln", beta_knots=4, beta_min=0.5, beta_max=8.0, **_TINY),
+}
+VBR_BETAS = (0.5, 2.0, 8.0)
 
 
 class CaseTimeout(Exception):
     pass
+
+
+# ---- the corpus -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    name: str  # e.g. "pln-fast-37x53"
+    model: str  # a key of MODELS
+    coder: str  # a preset name or "custom"
+    data: bytes
+
+    @property
+    def parts(self):
+        return unpack_rec(self.data)
+
+
+@dataclass
+class Corpus:
+    files: list[CorpusFile]
+    store: object  # codec.store.ModelStore over the corpus folder
+    model_hashes: dict[str, bytes]  # MODELS key -> SHA-256 prefix
+
+    def __post_init__(self):
+        self.parsed = [f.parts for f in self.files]
+
+
+def custom_params():
+    """Fast with 16-dim zero runs and fixed-length level-1 indices: a header carries it as b"P" fields."""
+    fast = CoderParams.preset("fast")
+    return fast.with_level(1, zero_run=16, adaptive=False).with_level(2, zero_run=16)
+
+
+def _sharpen(model, generator):
+    """Sharp posteriors for half the latent channels (KL, outliers, groups) and near-prior ones for the
+    others (zero runs): what a trained model has and a random one lacks."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ("scale_head.conv.bias", "scale2_head.conv.bias"):
+                p.copy_(torch.empty_like(p).uniform_(-6.0, 0.5, generator=generator))
+                p[::2] = 0.0
+            if name in ("loc_head.conv.bias", "loc2_head.conv.bias"):
+                p.copy_(2.0 * torch.randn(p.shape, generator=generator))
+                p[::2] = 0.0
+    return model
+
+
+def make_corpus(
+    folder: Path, coders: tuple[str, ...] = CODERS, sizes: tuple[tuple[int, int], ...] = SIZES, models=tuple(MODELS)
+) -> Corpus:
+    """Code random images with tiny models into `folder` (model files, .rec files, corpus.json)."""
+    folder = Path(folder)
+    store = ModelStore(dirs=[folder])
+    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
+    index, model_files = [], {}
+    for key in models:
+        torch.manual_seed(len(index))
+        path = save_model(_sharpen(build_model(ModelConfig(**MODELS[key])), generator), folder, f"fuzz-{key}")
+        model, ref = store.load(path)
+        model_files[key] = path.name
+        for coder in coders:
+            for h, w in sizes:
+                image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                params = custom_params() if coder == "custom" else coder
+                beta = pick(rng, VBR_BETAS) if model.variable_rate else None
+                data = compress_image(
+                    model, image, model_ref=ref, seed=int(rng.integers(1 << 62)), params=params, beta=beta
+                )[0]
+                name = f"{key}-{coder}-{h}x{w}"
+                (folder / f"{name}.rec").write_bytes(data)
+                index.append({"name": name, "model": key, "coder": coder})
+    (folder / "corpus.json").write_text(json.dumps({"models": model_files, "files": index}, indent=1))
+    return load_corpus(folder)
+
+
+def load_corpus(folder: Path) -> Corpus:
+    folder = Path(folder)
+    store = ModelStore(dirs=[folder])
+    index = json.loads((folder / "corpus.json").read_text())
+    files = [
+        CorpusFile(e["name"], e["model"], e["coder"], (folder / f"{e['name']}.rec").read_bytes())
+        for e in index["files"]
+    ]
+    return Corpus(files, store, {key: store.ref(folder / name).sha256 for key, name in index["models"].items()})
+
+
+# ---- raw mutations ----------------------------------------------------------------------------------
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
@@ -57,110 +200,557 @@ def fix_crc(data: bytes) -> bytes:
     return data[:-4] + struct.pack(">I", zlib.crc32(data[:-4]))
 
 
+# ---- section mutations ------------------------------------------------------------------------------
+
+COUNT_NAMES = ("n_segments", "n_zero_runs", "n_outliers", "len(rans)")
+
+
+@dataclass
+class SectionParts:
+    """A level section split by codec/level.py's layout (its CRC dropped)."""
+
+    head: bytes  # u8 version | u8 sampler | u16 params check
+    counts: list[int]  # the varints COUNT_NAMES
+    rans: bytes
+    raw_bits: bytes
+    count_bytes: bytes | None = None  # set: written instead of the varints of `counts`
+
+    @classmethod
+    def split(cls, section: bytes) -> "SectionParts":
+        body, counts, pos = section[:-4], [], 4
+        for _ in COUNT_NAMES:
+            n, pos = _read_varint(body, pos)
+            counts.append(n)
+        return cls(body[:4], counts, body[pos : pos + counts[3]], body[pos + counts[3] :])
+
+    def join(self) -> bytes:
+        """The section bytes with a valid CRC."""
+        count_bytes = b"".join(map(_varint, self.counts)) if self.count_bytes is None else self.count_bytes
+        body = self.head + count_bytes + self.rans + self.raw_bits
+        return body + struct.pack(">I", zlib.crc32(body))
+
+
+def _edit_bytes(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
+    """Flip, xor, truncate, insert into, delete from or replace a byte string."""
+    data = bytearray(data)
+    op = int(rng.integers(7 if data else 2))
+    if op == 0:
+        n = int(rng.integers(1, 9))
+        at = int(rng.integers(len(data) + 1))
+        return bytes(data[:at]) + rng.bytes(n) + bytes(data[at:]), f"insert {n} bytes at {at}"
+    if op == 1:
+        n = int(rng.integers(1, 5))
+        return bytes(data) + bytes(n), f"append {n} zero bytes"
+    if op == 2:
+        i, b = int(rng.integers(len(data))), int(rng.integers(8))
+        data[i] ^= 1 << b
+        return bytes(data), f"flip bit {b} of byte {i}"
+    if op == 3:
+        i = int(rng.integers(len(data)))
+        data[i] ^= int(rng.integers(1, 256))
+        return bytes(data), f"xor byte {i}"
+    if op == 4:
+        n = int(rng.integers(len(data)))
+        return bytes(data[:n]), f"truncate to {n} bytes"
+    if op == 5:
+        at, n = int(rng.integers(len(data))), int(rng.integers(1, 9))
+        return bytes(data[:at] + data[at + n :]), f"delete {n} bytes at {at}"
+    return rng.bytes(len(data)), "replace with random bytes"
+
+
+def _count_value(old: int, rng: np.random.Generator) -> int:
+    choices = [0, 1, old - 1, old + 1, 2 * old, 127, 128, 1 << 14, 1 << 28, 1 << 32, (1 << 63) - 1, (1 << 70) - 1]
+    return max(0, pick(rng, choices)) if rng.random() < 0.8 else int(rng.integers(1 << 16))
+
+
+def mutate_section(sections: list[bytes], rng: np.random.Generator) -> tuple[list[bytes], str]:
+    """One mutation inside one section's body, its CRC recomputed."""
+    i = int(rng.integers(len(sections)))
+    parts = SectionParts.split(sections[i])
+    where = pick(rng, ("head", "count", "count bytes", "rans", "raw bits", "raw bits", "rans"))
+    if where == "head":
+        at, b = int(rng.integers(4)), int(rng.integers(8))
+        head = bytearray(parts.head)
+        head[at] ^= 1 << b
+        parts.head, what = bytes(head), f"flip bit {b} of head byte {at}"
+    elif where == "count":
+        k = int(rng.integers(len(COUNT_NAMES)))
+        new = _count_value(parts.counts[k], rng)
+        what = f"{COUNT_NAMES[k]} {parts.counts[k]} -> {new}"
+        parts.counts[k] = new
+    elif where == "count bytes":
+        good = b"".join(map(_varint, parts.counts))
+        bad = [b"\xff" * 10 + b"\x01", b"\x80" * 9, good[:-1], good + b"\x00", b"\x80\x00" + good[1:]]
+        parts.count_bytes = pick(rng, bad)
+        what = f"varint bytes {good.hex()} -> {parts.count_bytes.hex()}"
+    else:
+        old = parts.rans if where == "rans" else parts.raw_bits
+        new, what = _edit_bytes(old, rng)
+        if where == "rans":
+            parts.rans = new
+            if rng.random() < 0.7:  # keep the length field true, so the rANS decoder sees the edit
+                parts.counts[3] = len(new)
+            else:
+                what += f" (len(rans) kept at {parts.counts[3]})"
+        else:
+            parts.raw_bits = new
+    out = list(sections)
+    out[i] = parts.join()
+    return out, f"section {i + 1} {where}: {what}"
+
+
+# ---- crafted headers --------------------------------------------------------------------------------
+
+
+class UncheckedHeader(RecHeader):
+    """A header pack_rec writes with any field values (struct ranges still hold); it validates others."""
+
+    def validate(self) -> None:
+        pass
+
+
+def pack_unchecked(header: RecHeader, sections: list[bytes]) -> bytes:
+    fields = {f.name: getattr(header, f.name) for f in dataclasses.fields(RecHeader)}
+    return pack_rec(UncheckedHeader(**fields), sections)
+
+
+def pick(rng: np.random.Generator, options):
+    """One of `options` as the Python object it is (rng.choice would make numpy scalars of them)."""
+    return options[int(rng.integers(len(options)))]
+
+
+SIDES = (0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 4095, 65535, 65536, 65537, (1 << 31), (1 << 32) - 1)
+FORGED_SIZES = ((10000, 10000), (65535, 65535), (3000, 4000), (3464, 3464), (4000, 3001), (65536, 1), (1, 65536))
+_FORMAT_FIELDS = ("level", "sampler", "index_bits", "steps", "max_group_size", "outlier_range", "pool_width")
+_FORMAT_FIELDS += ("pool_windows", "adaptive", "shard_decay")
+_EXTREMES = {
+    "B": (0, 1, 2, 3, 255),
+    "H": (0, 1, 2, 3, 64, 65, 255, 256, 4096, 65535),
+    "f": (0.0, -1.0, 1e-30, 1e30, float("inf"), float("nan")),
+    "d": (0.0, -1.0, 1e-300, 1.0, 1.0000001, float("inf"), float("nan")),
+}
+
+
+def _malformed_fields(level_fields: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
+    """One decoder field of one level set to an extreme value, or the fields cut or extended."""
+    size = struct.calcsize(_FORMAT)
+    if rng.random() < 0.15:
+        n = int(rng.integers(len(level_fields) + size + 1))
+        return (level_fields + rng.bytes(size))[:n], f"fields cut or extended to {n} bytes"
+    level = int(rng.integers(len(level_fields) // size))
+    values = list(struct.unpack(_FORMAT, level_fields[level * size : (level + 1) * size]))
+    k = int(rng.integers(len(values)))
+    values[k] = pick(rng, _EXTREMES[_FORMAT.lstrip(">")[k]])
+    packed = struct.pack(_FORMAT, *values)
+    what = f"level block {level}: {_FORMAT_FIELDS[k]} = {values[k]}"
+    return level_fields[: level * size] + packed + level_fields[(level + 1) * size :], what
+
+
+def _json_params(file_params: CoderParams, rng: np.random.Generator) -> tuple[bytes, str]:
+    """b"J" payloads: the file's own params (or a preset's) with one field of a wrong type or value."""
+    base = file_params if rng.random() < 0.7 else CoderParams.preset(pick(rng, CODERS[:-1]))
+    d = base.to_dict()
+    variants = {
+        "as they are": lambda: d,
+        "a list": lambda: [1, 2],
+        "unknown key": lambda: {**d, "bogus": 1},
+        "deep nesting": lambda: "[" * 100000 + "]" * 100000,
+        "index_bits as float": lambda: {**d, "level1": {**d["level1"], "index_bits": 14.5}},
+        "steps as float": lambda: {**d, "level1": {**d["level1"], "steps": float(d["level1"]["steps"])}},
+        "pool_windows as float": lambda: {**d, "pool_windows": d["pool_windows"] + 0.5},
+        "index_bits as string": lambda: {**d, "level1": {**d["level1"], "index_bits": "14"}},
+        "steps as bool": lambda: {**d, "level2": {**d["level2"], "steps": True}},
+        "outlier_range NaN": lambda: {**d, "outlier_range": float("nan")},
+        "outlier_range negative": lambda: {**d, "outlier_range": -3.0},
+        "pool_width as float": lambda: {**d, "pool_width": 128.0},
+        "pool_windows huge": lambda: {**d, "pool_windows": 1 << 40},
+        "max_group_size huge": lambda: {**d, "level1": {**d["level1"], "max_group_size": 1 << 40}},
+        "level1 not a dict": lambda: {**d, "level1": 5},
+        "decay_choices string": lambda: {**d, "level1": {**d["level1"], "decay_choices": "abc"}},
+    }
+    names = list(variants)
+    name = pick(rng, names)
+    text = variants[name]()
+    payload = zlib.compress((text if isinstance(text, str) else json.dumps(text)).encode())
+    if rng.random() < 0.1:
+        return zlib.compress(b" " * (1 << 20)), "JSON of 1 MiB (a zlib bomb)"
+    if rng.random() < 0.1:
+        n = int(rng.integers(len(payload)))
+        return payload[:n], f"JSON {name}, zlib stream cut to {n} bytes"
+    return payload, f"JSON {name}"
+
+
+def _params_field(src_header, num_levels: int, rng: np.random.Generator) -> tuple[bytes, str]:
+    tag = pick(rng, ("R", "R", "P", "P", "J", "other"))
+    if tag == "R":
+        if rng.random() < 0.1:
+            extra = rng.bytes(pick(rng, (0, 2)))
+            return b"R" + extra, f"R with {len(extra)} bytes"
+        known = pick(rng, list(REGISTERED_FORMATS))
+        pid = known if rng.random() < 0.6 else int(rng.integers(256))
+        return b"R" + bytes([pid]), f"registered id {pid}"
+    if tag == "P":
+        if rng.random() < 0.3:
+            level_fields = REGISTERED_FORMATS[pick(rng, list(REGISTERED_FORMATS))]
+            where = "a registered set's fields"
+        else:
+            level_fields = params_from_header(src_header, num_levels).levels_format_bytes(num_levels)
+            where = "the file's fields"
+        if rng.random() < 0.3:
+            return b"P" + level_fields, f"P with {where}"
+        level_fields, what = _malformed_fields(level_fields, rng)
+        return b"P" + level_fields, f"P with {where}, {what}"
+    if tag == "J":
+        payload, what = _json_params(params_from_header(src_header, num_levels), rng)
+        return b"J" + payload, what
+    other = rng.bytes(int(rng.integers(0, 6)))
+    return other, f"params {other.hex() or '(empty)'}"
+
+
+def craft_header(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[bytes, str]:
+    """The file `index`'s sections under a header with one field crafted."""
+    header, sections = corpus.parsed[index]
+    src = corpus.files[index]
+    what = pick(rng, ("size", "size", "forged size", "params", "params", "params", "beta", "model", "name", "misc"))
+    if what == "size":
+        sides = [header.height, header.width]
+        k = int(rng.integers(2))
+        sides[k] = pick(rng, SIDES) if rng.random() < 0.7 else max(0, sides[k] + pick(rng, (-1, 1)))
+        if rng.random() < 0.3:
+            sides = [pick(rng, SIDES), pick(rng, SIDES)]
+        header, note = replace(header, height=sides[0], width=sides[1]), f"size {sides[0]}x{sides[1]}"
+    elif what == "forged size":
+        h, w = pick(rng, FORGED_SIZES)
+        header, note = replace(header, height=h, width=w), f"forged size {h}x{w}"
+    elif what == "params":
+        params, note = _params_field(header, len(sections), rng)
+        header = replace(header, coder_params=params)
+    elif what == "beta":
+        codes = [None, 0, 1, 32768, 65535, int(rng.integers(1, 1 << 16))]
+        codes += [beta_to_code(b) + d for b in (0.5, 8.0) for d in (-1, 0, 1)]
+        code = pick(rng, codes)
+        header, note = replace(header, beta_code=code), f"beta_code {code}"
+    elif what == "model":
+        other = pick(rng, sorted(corpus.model_hashes))
+        if rng.random() < 0.3:
+            header, note = replace(header, model_hash=rng.bytes(8)), "a random model hash"
+        else:
+            header = replace(header, model_hash=corpus.model_hashes[other], model_name=f"fuzz-{other}")
+            note = f"model {src.model} -> {other}"
+    elif what == "name":
+        names = ["", "a", "x" * 64, "x" * 65, "x" * 255, "a b", "../up", "fuzz-vae", "\x00"]
+        field_name = pick(rng, ("model_name", "coder"))
+        value = pick(rng, names) if rng.random() < 0.7 else pick(rng, CODERS + ("nope",))
+        header, note = replace(header, **{field_name: value}), f"{field_name} {value[:12]!r} ({len(value)} chars)"
+    else:
+        choice = int(rng.integers(3))
+        if choice == 0:
+            seed = pick(rng, (0, (1 << 64) - 1, int(rng.integers(1 << 63))))
+            header, note = replace(header, seed=seed), f"seed {seed}"
+        elif choice == 1:
+            version = int(rng.integers(256))
+            header, note = replace(header, rng_version=version), f"rng_version {version}"
+        else:
+            version = pick(rng, (0, 1, 2, 3, 255))
+            data = bytearray(pack_unchecked(header, sections))
+            data[4] = version
+            return fix_crc(bytes(data)), f"header format_version byte {version}"
+    return pack_unchecked(header, sections), f"header {note}"
+
+
+# ---- splicing ---------------------------------------------------------------------------------------
+
+
+def splice(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[bytes, str]:
+    """The file `index`'s header over sections combined from other files."""
+    header, sections = corpus.parsed[index]
+    other = int(rng.integers(len(corpus.files)))
+    foreign = corpus.parsed[other][1]
+    name = corpus.files[other].name
+    op = pick(rng, ("replace", "replace", "replace", "all", "reverse", "duplicate", "drop", "insert"))
+    if op == "replace":
+        i, j = int(rng.integers(len(sections))), int(rng.integers(len(foreign)))
+        out = list(sections)
+        out[i] = foreign[j]
+        what = f"section {i + 1} <- section {j + 1} of {name}"
+    elif op == "all":
+        out, what = list(foreign), f"all sections of {name}"
+    elif op == "reverse":
+        out, what = sections[::-1], "sections reversed"
+    elif op == "duplicate":
+        i = int(rng.integers(len(sections)))
+        out, what = sections[:i] + sections[i:][:1] + sections[i:], f"section {i + 1} duplicated"
+    elif op == "drop":
+        i = int(rng.integers(len(sections)))
+        out, what = sections[:i] + sections[i + 1 :], f"section {i + 1} dropped"
+    else:
+        i, j = int(rng.integers(len(sections) + 1)), int(rng.integers(len(foreign)))
+        out = sections[:i] + [foreign[j]] + sections[i:]
+        what = f"section {j + 1} of {name} inserted at {i + 1}"
+    if not 1 <= len(out) <= MAX_SECTIONS:
+        out, what = list(sections), "no change (section count out of range)"
+    return pack_rec(header, out), f"splice: {what}"
+
+
+# ---- running cases ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseResult:
+    index: int
+    kind: str
+    source: str  # the corpus file mutated
+    mutation: str
+    outcome: str  # "ok", "RecFormatError:<field>", "ModelNotFoundError", or what failed
+    seconds: float = 0.0
+    failed: bool = False
+    detail: str = ""  # the error message
+
+
+def make_case(corpus: Corpus, seed: int, index: int, kinds: tuple[str, ...]) -> tuple[str, int, bytes, str]:
+    """(kind, source file, mutated bytes, description) of case `index`: deterministic in (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    kind = kinds[index % len(kinds)]
+    src = int(rng.integers(len(corpus.files)))
+    header, sections = corpus.parsed[src]
+    if kind in ("raw", "recrc"):
+        data, what = mutate(corpus.files[src].data, rng)
+        if kind == "recrc":
+            data = fix_crc(data)
+    elif kind == "section":
+        out, what = mutate_section(sections, rng)
+        data = pack_rec(header, out)
+    elif kind == "header":
+        data, what = craft_header(corpus, src, rng)
+    elif kind == "splice":
+        data, what = splice(corpus, src, rng)
+    else:
+        raise ValueError(f"unknown kind {kind!r} ({', '.join(KINDS)})")
+    return kind, src, data, what
+
+
 def _alarm(signum, frame):
     raise CaseTimeout()
 
 
-def run_case(data: bytes, resolve, recrc: bool, timeout_s: float, max_pixels: int) -> str:
-    """Decode mutated bytes; returns "ok" or an accepted error name, raises on anything else."""
-    from codec.api import decompress
-    from codec.store import ModelNotFoundError
-    from codec.bitstream import RecFormatError
-
+def _decode_outcome(data: bytes, corpus: Corpus, kind: str, timeout_s: float, max_pixels: int) -> tuple[str, str]:
+    """Decode `data`; (outcome, message) for an accepted outcome, raises anything else."""
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        decompress(data, resolve, max_pixels=max_pixels)
-        if not recrc:
-            raise AssertionError("a corrupted file decoded without an error")
-        return "ok"
+        image, header = decompress(data, corpus.store, max_pixels=max_pixels)
     except RecFormatError as e:
-        return "RecFormatError:" + e.field.split(" (")[0]
-    except ModelNotFoundError:
-        if not recrc:
+        return "RecFormatError:" + e.field.split(" (")[0], str(e)
+    except ModelNotFoundError as e:
+        if kind == "raw" or unpack_rec(data)[0].model_hash in corpus.model_hashes.values():
             raise
-        return "ModelNotFoundError"
+        return "ModelNotFoundError", str(e)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+    if kind == "raw":
+        raise AssertionError("a file with a wrong CRC decoded")
+    if image.dtype != np.uint8 or image.shape != (header.height, header.width, 3):
+        raise AssertionError(f"decoded a {image.dtype} {image.shape} image for a {header.width}x{header.height} file")
+    return "ok", ""
 
 
-def make_corpus(folder: Path) -> tuple[list[bytes], object]:
-    """Real .rec files from tiny random models (PLN and VAE, odd sizes) and their resolver."""
-    import torch
+def run_case(
+    corpus: Corpus,
+    seed: int,
+    index: int,
+    kinds: tuple[str, ...],
+    timeout_s: float = 10.0,
+    max_pixels: int | None = None,
+) -> CaseResult:
+    kind, src, data, what = make_case(corpus, seed, index, kinds)
+    result = CaseResult(index, kind, corpus.files[src].name, what, "")
+    t0 = time.perf_counter()
+    try:
+        result.outcome, result.detail = _decode_outcome(data, corpus, kind, timeout_s, max_pixels or MAX_PIXELS)
+    except CaseTimeout:
+        result.outcome, result.failed = "hang", True
+    except BaseException as e:  # every other exception is a finding
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        module = type(e).__module__
+        name = type(e).__name__ if module == "builtins" else f"{module}.{type(e).__name__}"
+        result.outcome, result.failed, result.detail = name, True, str(e)[:300]
+    result.seconds = time.perf_counter() - t0
+    return result
 
-    from codec.api import compress_image
-    from codec.store import ModelStore
-    from models import ModelConfig, build_model, save_model
 
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    store = ModelStore(dirs=[folder])
-    files = []
-    for arch, sizes in (("pln", [(37, 53), (1, 1)]), ("vae", [(17, 30)])):
-        cfg = ModelConfig(
-            arch=arch, channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-4.0
-        )  # small scales: some KL, so real indices get coded
-        model, ref = store.load(save_model(build_model(cfg), folder, "fuzz"))
-        for h, w in sizes:
-            x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            files.append(compress_image(model, x, model_ref=ref, seed=int(rng.integers(1 << 62)), params="fast")[0])
-    return files, store
+def _section_reason(message: str) -> str:
+    """A section error's message without its numbers: which of the coder's checks fired."""
+    return re.sub(r"\d+", "N", message.split(": ", 1)[-1])[:80]
+
+
+@dataclass
+class Report:
+    seed: int
+    kinds: tuple[str, ...]
+    cases: int = 0
+    cases_per_kind: Counter = field(default_factory=Counter)
+    outcomes: dict = field(default_factory=dict)  # kind -> Counter of outcomes
+    section_checks: Counter = field(default_factory=Counter)  # the coder's checks that fired, by message
+    failures: list = field(default_factory=list)
+    crashes: int = 0
+    hangs: int = 0
+    slowest: dict | None = None
+    seconds: float = 0.0
+    memory_limit_bytes: int | None = None
+
+    def add(self, r: CaseResult) -> None:
+        self.cases += 1
+        self.cases_per_kind[r.kind] += 1
+        self.outcomes.setdefault(r.kind, Counter())[r.outcome] += 1
+        if r.outcome.startswith("RecFormatError:section"):
+            self.section_checks[_section_reason(r.detail)] += 1
+        if r.failed:
+            self.crashes += r.outcome.startswith("crash")
+            self.hangs += r.outcome == "hang"
+            self.failures.append({"seed": self.seed, **asdict(r)})
+        if self.slowest is None or r.seconds > self.slowest["seconds"]:
+            self.slowest = {"seed": self.seed, **asdict(r)}
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "kinds": list(self.kinds),
+            "cases": self.cases,
+            "cases_per_kind": dict(self.cases_per_kind),
+            "outcomes": {k: dict(sorted(c.items())) for k, c in self.outcomes.items()},
+            "section_checks": dict(self.section_checks.most_common()),
+            "failures": self.failures[:50],
+            "n_failures": len(self.failures),
+            "crashes": self.crashes,
+            "hangs": self.hangs,
+            "slowest": self.slowest,
+            "seconds": round(self.seconds, 2),
+            "seconds_per_case": round(self.seconds / max(1, self.cases), 5),
+            "memory_limit_bytes": self.memory_limit_bytes,
+        }
 
 
 def fuzz(
-    files: list[bytes],
-    resolve,
+    corpus: Corpus,
     cases: int,
     seed: int,
-    recrc_share: float = 0.25,
+    kinds: tuple[str, ...] = KINDS,
+    first: int = 0,
     timeout_s: float = 10.0,
-    max_pixels: int = 1 << 16,
-) -> dict:
-    """Run `cases` mutations; returns {"cases", "outcomes", "max_seconds"}; raises on a failure."""
-    rng = np.random.default_rng(seed)
-    outcomes: dict[str, int] = {}
-    worst = 0.0
-    for i in range(cases):
-        src = files[i % len(files)]
-        data, what = mutate(src, rng)
-        recrc = rng.random() < recrc_share
-        if recrc:
-            data = fix_crc(data)
-        if data == src:
-            continue
-        t0 = time.perf_counter()
-        try:
-            outcome = run_case(data, resolve, recrc, timeout_s, max_pixels)
-        except BaseException as e:
-            raise AssertionError(f"case {i} ({what}{', CRC fixed' if recrc else ''}): {type(e).__name__}: {e}") from e
-        worst = max(worst, time.perf_counter() - t0)
-        key = ("recrc " if recrc else "raw ") + outcome
-        outcomes[key] = outcomes.get(key, 0) + 1
-    return {"cases": cases, "outcomes": dict(sorted(outcomes.items())), "max_seconds": worst}
+    max_pixels: int | None = None,
+) -> Report:
+    """Run cases first..first+cases-1 in this process (no memory limit, no crash isolation)."""
+    report = Report(seed, kinds)
+    t0 = time.perf_counter()
+    for i in range(first, first + cases):
+        report.add(run_case(corpus, seed, i, kinds, timeout_s, max_pixels))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ---- the supervised run: a child process under a memory limit -----------------------------------------
+
+
+def _address_space() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _worker(conn, folder: str, seed: int, kinds, first: int, last: int, timeout_s, max_pixels, memory_mb) -> None:
+    torch.set_num_threads(1)
+    corpus = load_corpus(Path(folder))
+    run_case(corpus, seed, first, kinds, timeout_s, max_pixels)  # warm up: lazy imports, model loads
+    limit = _address_space() + (memory_mb << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn.send(("limit", limit))
+    for i in range(first, last):
+        conn.send(("case", asdict(run_case(corpus, seed, i, kinds, timeout_s, max_pixels))))
+    conn.send(("done", None))
+
+
+def fuzz_supervised(
+    folder: Path, corpus: Corpus, cases: int, seed: int, kinds=KINDS, first=0, memory_mb=1024, progress=False, **options
+) -> Report:
+    """fuzz() in a child process under RLIMIT_AS (`options`: timeout_s, max_pixels); a case that kills the
+    child (a crash) or outlives timeout_s by far (a hang in native code) is recorded, and a new child
+    goes on after it."""
+    timeout_s, max_pixels = options.get("timeout_s", 10.0), options.get("max_pixels")
+    report = Report(seed, kinds)
+    ctx = multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()
+    i, last = first, first + cases
+    while i < last:
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_worker, args=(child, str(folder), seed, kinds, i, last, timeout_s, max_pixels, memory_mb)
+        )
+        proc.start()
+        child.close()
+        started = False
+        while i < last:
+            if not parent.poll(120.0 if not started else 2 * timeout_s + 10):
+                kind, src, _, what = make_case(corpus, seed, i, kinds)
+                report.add(CaseResult(i, kind, corpus.files[src].name, what, "hang (process killed)", failed=True))
+                proc.kill()
+                i += 1
+                break
+            try:
+                tag, payload = parent.recv()
+            except EOFError:
+                proc.join()
+                kind, src, _, what = make_case(corpus, seed, i, kinds)
+                outcome = f"crash (exit code {proc.exitcode})"
+                report.add(CaseResult(i, kind, corpus.files[src].name, what, outcome, failed=True))
+                i += 1
+                break
+            if tag == "limit":
+                started, report.memory_limit_bytes = True, payload
+            elif tag == "case":
+                report.add(CaseResult(**payload))
+                i += 1
+                if progress and i % 1000 == 0:
+                    print(f"{i - first} cases, {len(report.failures)} failures", file=sys.stderr, flush=True)
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+        parent.close()
+    report.seconds = time.perf_counter() - t0
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", type=int, default=20000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--first", type=int, default=0, help="index of the first case (replay one with --cases 1)")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per case")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-pixels", type=int, default=None, help="decompress's limit (default codec.api.MAX_PIXELS)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address space a case may add (RLIMIT_AS)")
+    p.add_argument("--corpus", type=Path, default=None, help="a corpus folder to reuse (built there if empty)")
+    p.add_argument("--in-process", action="store_true", help="no child process: no memory limit, for debugging")
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"--kinds must name some of {', '.join(KINDS)}")
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        files, store = make_corpus(Path(tmp))
-        t0 = time.perf_counter()
-        try:
-            report = fuzz(files, store, args.cases, args.seed, timeout_s=args.timeout)
-        except AssertionError as e:
-            print(f"FAIL: {e}", file=sys.stderr)
-            return 1
-    report["seconds"] = time.perf_counter() - t0
-    print(report)
-    return 0
+        folder = args.corpus or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        corpus = load_corpus(folder) if (folder / "corpus.json").is_file() else make_corpus(folder)
+        common = dict(first=args.first, timeout_s=args.timeout, max_pixels=args.max_pixels)
+        if args.in_process:
+            report = fuzz(corpus, args.cases, args.seed, kinds, **common)
+        else:
+            report = fuzz_supervised(
+                folder, corpus, args.cases, args.seed, kinds, memory_mb=args.memory_mb, progress=True, **common
+            )
+    print(json.dumps(report.to_dict(), indent=1))
+    return 1 if report.failures else 0
 
 
 if __name__ == "__main__":

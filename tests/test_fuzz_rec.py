@@ -1,58 +1,176 @@
-"""Fuzzing real .rec files: corrupted bytes only ever raise RecFormatError, never hang.
+"""Fuzzing real .rec files: damaged and forged files end in a decoded image or RecFormatError, never hang.
 
-The longer run is `python -m scripts.fuzz_rec --cases 20000`.
+The longer run is `python -m scripts.fuzz_rec --cases 100000` (scripts/fuzz_rec.py says what each kind does).
 """
 
-import numpy as np
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
 import pytest
+import torch
 
 from codec.api import decompress
-from codec.bitstream import RecFormatError, unpack_rec
-from scripts.fuzz_rec import fix_crc, fuzz, make_corpus, mutate
+from codec.bitstream import RecFormatError, pack_rec, unpack_rec
+from codec.header_params import params_from_header
+from scripts.fuzz_rec import (
+    STRUCTURED_KINDS,
+    SectionParts,
+    fix_crc,
+    fuzz,
+    fuzz_supervised,
+    make_case,
+    make_corpus,
+    mutate,
+    pack_unchecked,
+)
 
-CASES = 5000
+REPO = Path(__file__).resolve().parent.parent
+TEST_CODERS = ("fast", "custom", "thesis-code")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("fuzz"))
+def corpus_dir(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend with each other on a busy machine
+    folder = tmp_path_factory.mktemp("fuzz")
+    yield folder, make_corpus(folder, coders=TEST_CODERS, sizes=((1, 1), (70, 90)))
+    torch.set_num_threads(threads)
 
 
-def test_corpus_files_are_valid(corpus):
-    files, store = corpus
-    for data in files:
-        image, header = decompress(data, store)
+@pytest.fixture(scope="module")
+def corpus(corpus_dir):
+    return corpus_dir[1]
+
+
+def file_of(corpus, name: str) -> int:
+    return next(i for i, f in enumerate(corpus.files) if f.name == name)
+
+
+def test_corpus_files_are_valid_and_cover_models_coders_and_side_information(corpus):
+    assert {f.model for f in corpus.files} == {"pln", "vae", "vbr"}
+    assert {f.coder for f in corpus.files} == set(TEST_CODERS)
+    rans_parts = 0
+    for f, (header, sections) in zip(corpus.files, corpus.parsed):
+        image, _ = decompress(f.data, corpus.store)
         assert image.shape == (header.height, header.width, 3)
+        assert (header.beta_code is not None) == (f.model == "vbr")
+        rans_parts += sum(bool(SectionParts.split(s).rans) for s in sections)
+    assert rans_parts >= 2  # the sharpened models code rANS side information, not only raw bits
 
 
 def test_flipped_and_truncated_rec_files_raise_only_rec_format_error(corpus):
-    files, store = corpus
-    report = fuzz(files, store, CASES, seed=0, recrc_share=0.0, timeout_s=10.0)
-    assert sum(report["outcomes"].values()) >= CASES - 40  # a few mutations can be no-ops
-    assert all(k.startswith("raw RecFormatError") for k in report["outcomes"])
-    assert report["max_seconds"] < 10.0
+    report = fuzz(corpus, 2000, seed=0, kinds=("raw",)).to_dict()
+    assert report["n_failures"] == 0, report["failures"][:3]
+    assert all(k.startswith("RecFormatError") for k in report["outcomes"]["raw"])
+    assert report["slowest"]["seconds"] < 10.0
 
 
 def test_corruptions_with_a_recomputed_crc_are_caught_by_validation_or_the_coder(corpus):
     """With the file CRC fixed, only header checks and the coder's checks stand in the way."""
-    files, store = corpus
-    report = fuzz(files, store, 500, seed=1, recrc_share=1.0, timeout_s=10.0)
-    allowed = ("recrc RecFormatError", "recrc ModelNotFoundError", "recrc ok")
-    assert all(k.startswith(allowed) for k in report["outcomes"]), report["outcomes"]
-    assert report["outcomes"].get("recrc ok", 0) < 100
+    report = fuzz(corpus, 300, seed=1, kinds=("recrc",)).to_dict()
+    assert report["n_failures"] == 0, report["failures"][:3]
+    assert report["outcomes"]["recrc"].get("ok", 0) < 60
+
+
+def test_structure_aware_cases_end_in_a_decoded_image_or_the_specific_error(corpus):
+    report = fuzz(corpus, 300, seed=2, kinds=STRUCTURED_KINDS).to_dict()
+    assert report["n_failures"] == 0, report["failures"][:3]
+    for kind in STRUCTURED_KINDS:
+        outcomes = report["outcomes"][kind]
+        assert set(outcomes) <= {"ok", "ModelNotFoundError"} | {k for k in outcomes if k.startswith("RecFormatError:")}
+        assert outcomes.get("ok") and any(k.startswith("RecFormatError:section") for k in outcomes)
+    assert len(report["section_checks"]) >= 8  # the mutations reach many of the coder's checks
+
+
+def test_section_mutations_with_recomputed_crcs_raise_only_a_section_error(corpus):
+    report = fuzz(corpus, 200, seed=3, kinds=("section",)).to_dict()
+    assert set(report["outcomes"]["section"]) <= {"ok", "RecFormatError:section 1", "RecFormatError:section 2"}
+    assert report["outcomes"]["section"].get("RecFormatError:section 1", 0) > 50
+
+    i = file_of(corpus, "pln-fast-70x90")
+    header, sections = corpus.parsed[i]
+    parts = SectionParts.split(sections[0])
+    parts.counts[2] += 1000  # more outliers than the level has dims
+    data = pack_rec(header, [parts.join(), sections[1]])
+    assert unpack_rec(data)[1][0] == parts.join()  # every CRC valid
+    with pytest.raises(RecFormatError, match=r"segments / \d+ outliers for \d+ dims") as e:
+        decompress(data, corpus.store)
+    assert e.value.field == "section 1 (level 2)"
+
+
+@pytest.mark.parametrize("variant", ["index_bits", "steps", "pool_windows"])
+def test_json_coder_params_with_a_float_for_an_integer_field_are_a_format_error(corpus, variant):
+    """Found by the fuzzer: such params passed CoderParams' checks and failed in the coder with struct.error."""
+    i = file_of(corpus, "pln-fast-70x90")
+    header, sections = corpus.parsed[i]
+    d = params_from_header(header, 2).to_dict()
+    if variant == "pool_windows":
+        d["pool_windows"] += 0.5
+    else:
+        d["level1"][variant] += 0.5
+    forged = dataclasses.replace(header, coder_params=b"J" + zlib.compress(json.dumps(d).encode()))
+    with pytest.raises(RecFormatError, match="^coder_params: invalid coder parameters") as e:
+        decompress(pack_rec(forged, sections), corpus.store)
+    assert e.value.field == "coder_params"
+
+
+def test_forged_huge_headers_fail_before_allocating_their_size(corpus_dir):
+    """Under an address-space limit 256 MiB above the process's size: 65535x65535 and 100 Mpx fail on the
+    pixel limit before the model is resolved; a 12 Mpx forgery (at the limit) reaches the model and fails
+    in the coder, which finds the sections do not cover the latent."""
+    folder, corpus = corpus_dir
+    i = file_of(corpus, "pln-fast-70x90")
+    header, sections = corpus.parsed[i]
+    forged = {
+        f"{h}x{w}": pack_unchecked(dataclasses.replace(header, height=h, width=w), sections).hex()
+        for h, w in ((65535, 65535), (10000, 10000), (3000, 4000))
+    }
+    script = textwrap.dedent(f"""
+        import json, resource, torch
+        from pathlib import Path
+        from codec.api import decompress
+        from codec.bitstream import RecFormatError
+        from scripts.fuzz_rec import _address_space, load_corpus
+        torch.set_num_threads(1)
+        corpus = load_corpus(Path({str(folder)!r}))
+        decompress(corpus.files[{i}].data, corpus.store)  # models loaded, libraries imported
+        resolved = []
+        def resolve(header):
+            resolved.append(header)
+            return corpus.store(header)
+        limit = _address_space() + (256 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        out = {{}}
+        for size, data in {forged!r}.items():
+            resolved.clear()
+            try:
+                decompress(bytes.fromhex(data), resolve)
+                out[size] = "decoded"
+            except RecFormatError as e:
+                out[size] = [e.field, len(resolved)]
+        print(json.dumps(out))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert out["65535x65535"] == ["height", 0] and out["10000x10000"] == ["height", 0]
+    assert out["3000x4000"] == ["section 1 (level 2)", 1]
 
 
 def test_every_truncation_of_a_file_is_rejected(corpus):
-    files, _ = corpus
-    data = files[0]
+    data = corpus.files[0].data
     for n in range(len(data)):
         with pytest.raises(RecFormatError):
             unpack_rec(data[:n])
 
 
 def test_every_single_bit_flip_in_the_header_is_rejected(corpus):
-    files, _ = corpus
-    data = files[0]
+    data = corpus.files[0].data
     for i in range(64):
         for b in range(8):
             bad = bytearray(data)
@@ -61,8 +179,21 @@ def test_every_single_bit_flip_in_the_header_is_rejected(corpus):
                 unpack_rec(bytes(bad))
 
 
-def test_mutations_are_deterministic():
+def test_cases_are_deterministic_in_seed_and_index(corpus):
+    import numpy as np
+
     data = bytes(range(200))
     a = [mutate(data, np.random.default_rng(3)) for _ in range(5)]
     b = [mutate(data, np.random.default_rng(3)) for _ in range(5)]
     assert a == b and fix_crc(data)[:-4] == data[:-4]
+    kinds = ("raw", "recrc") + STRUCTURED_KINDS
+    for index in range(10):
+        assert make_case(corpus, 7, index, kinds) == make_case(corpus, 7, index, kinds)
+
+
+@pytest.mark.slow
+def test_supervised_run_limits_memory_and_reports_every_case(corpus_dir):
+    folder, corpus = corpus_dir
+    report = fuzz_supervised(folder, corpus, 60, seed=4, first=100).to_dict()
+    assert report["cases"] == 60 and report["n_failures"] == 0
+    assert report["memory_limit_bytes"] > 0
