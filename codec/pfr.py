@@ -18,16 +18,18 @@ the encoder picks one, and only its index is sent. Four methods share one search
 * **sp-pfr / sp-orc** (space partitioning, He, Flamich & Hernandez-Lobato 2024). Dim d of a block
   is cut into J_d = 2^l_d intervals of equal prior mass (sum_d l_d = L_b bits, given by the
   caller: `bin_bits`, e.g. from `allocate_bin_bits` over per-dim information both sides know).
-  The encoder searches the reweighted proposal p'(x) = J pi_j(x) p(x), pi_j = prod_d Q_d(bin j_d):
-  arrival n draws its bin j from pi (privately, one Q-distributed y_d per dim, j_d =
-  floor(J_d Phi(y_d))), and its point is the k-th point of that bin's shared stream, keyed by
-  (block, bin tuple, k, dim), where k counts earlier arrivals in the same bin. Its weight is
-  r' = q / p' = r / (J pi_j). The bin tuple is sent raw (L_b bits) with k. Exact when run to the
-  PFR stopping rule with r'_max = sup r' (per dim, the max over its bins of the sup of r_d on the
-  bin over J_d pi_d,j); runtime ~ 2^D_inf[q || p'], far below 2^D_inf[q || p] when the bins
-  follow q. The code length is bounded by KL + E[eps] + log2(KL - L + E[eps] + 1) + O(1) with
-  eps = E_q[L - log2 r] (the poster: E[eps] <= 0.9 sqrt(KL) for Gaussians). With all l_d = 0 it
-  is plain pfr / orc, by the same code path.
+  The encoder searches the reweighted proposal p'(x) = J pi_j(x) p(x), pi_j = prod_d pi_d,j_d with
+  pi_d,j = (1 - mix) Q_d(bin j) + mix / J_d: arrival n draws its bin from pi (privately: per dim a
+  uniform bin with probability mix, else j_d = floor(J_d Phi(y_d)) with y_d ~ Q_d). Pure Q masses
+  (mix = 0) give the far bins, where q's tail hugs the inner edge, a sup of r' of ~1/v_d and
+  make the search longer than plain PFR's; mix = 0.05 bounds them. pi is never sent. Its point is
+  the k-th point of that bin's shared stream, keyed by (block, bin tuple, k, dim), where k counts
+  earlier arrivals in the same bin. Its weight is r' = q / p' = r / (J pi_j). The bin tuple is
+  sent raw (L_b bits) with k. Exact when run to the PFR stopping rule with r'_max = sup r' (per
+  dim, the max over its bins of the sup of r_d on the bin over J_d pi_d,j); runtime ~ 2^D_inf[q ||
+  p'], far below 2^D_inf[q || p] when the bins follow q. The code length is bounded by KL + E[eps]
+  + log2(KL - L + E[eps] + 1) + O(1) with eps = E_q[L - log2 r] (the poster: E[eps] <= 0.9
+  sqrt(KL) for Gaussians). With all l_d = 0 it is plain pfr / orc, by the same code path.
 
 The proposal is the table N(0, 1) of codec/rng.py (integer hashing and a quantile table), so
 the decoder's sample is the same float32 on every device; a bin is a range of the 32-bit
