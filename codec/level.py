@@ -36,7 +36,7 @@ from codec.entropy import (
     unbucketize,
 )
 from codec.params import CoderParams, LevelParams
-from codec.plan import check_dims, choose_shard_decay, greedy_walk, plan_level
+from codec.plan import check_dims, choose_shard_decay, greedy_walk, plan_level, walk_settings
 
 SECTION_FORMAT_VERSION = 2  # of a level section (codec/bitstream.py has the container's FORMAT_VERSION)
 OUTLIER_BITS_Q = 16
@@ -312,12 +312,7 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
         eps[cod_pos] = greedy.decode(
             idx_t,
             sizes_t,
-            seed=seed,
-            level=level,
-            bits=lp.index_bits,
-            steps=lp.steps,
-            width=params.pool_width,
-            windows=params.pool_windows,
+            **walk_settings(lp, params, seed=seed, level=level),
             group_steps=torch.from_numpy(steps_np).to(device),
             decay=lp.shard_decay,
         )

@@ -160,6 +160,13 @@ def plan_level(q_loc, q_scale, p_loc, p_scale, lp: LevelParams) -> LevelPlan:
     )
 
 
+def walk_settings(lp: LevelParams, params: CoderParams, *, seed: int, level: int) -> dict:
+    """The arguments greedy.encode and greedy.decode share: the pool a level's walk reads."""
+    return dict(
+        seed=seed, level=level, bits=lp.index_bits, steps=lp.steps, width=params.pool_width, windows=params.pool_windows
+    )
+
+
 def greedy_walk(
     m,
     v,
@@ -179,12 +186,7 @@ def greedy_walk(
         m,
         v,
         torch.from_numpy(sizes).to(device),
-        seed=seed,
-        level=level,
-        bits=lp.index_bits,
-        steps=lp.steps,
-        width=params.pool_width,
-        windows=params.pool_windows,
+        **walk_settings(lp, params, seed=seed, level=level),
         memory_bytes=params.memory_bytes(device),
         gemm_dtype=params.gemm_torch_dtype,
         group_steps=None if lens is None else torch.from_numpy(lens).to(device),
