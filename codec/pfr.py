@@ -44,7 +44,8 @@ plus floor(log2 k) raw mantissa bits.
     | raw bits (bucket table, bin tuples, mantissas) | u32 CRC32 of everything before
 
 Everything is batched over blocks (no Python loop over blocks); the search loops over chunks
-of candidates, each for all blocks still searching.
+of candidates, each for all blocks still searching. The four methods stay in one module, past
+~300 lines, because they are one search, one candidate stream and one index code.
 """
 
 import math
