@@ -79,15 +79,19 @@ def encode(
     decay: float = 1.0,
     auxiliary: bool = False,
     sample: bool = False,
+    beams: int = 1,
     table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code N(m, v) (float64, standardised, groups of `sizes` in order).
 
     Group g takes S_g = group_steps[g] <= steps steps of variance 1/S_g (all `steps` if None).
     `table` may hold the level's pool (`pool_table`, at least as many columns as this layout
-    reads) to save building it again. Returns the (G, steps) indices (entries at steps >= S_g
+    reads) to save building it again. With `beams` > 1 (auxiliary target only) each group keeps
+    that many walks, see `_extend_beams`. Returns the (G, steps) indices (entries at steps >= S_g
     are unused) and the float32 sample, exactly as `decode` rebuilds it.
     """
+    if beams > 1 and not auxiliary:
+        raise ValueError("beams rank walks by their importance weight: auxiliary target only")
     device = m.device
     lay = pool.make_layout(sizes, width, device, windows)
     k = 1 << bits
@@ -102,12 +106,20 @@ def encode(
         table = pool_table(seed, level, bits, lay.n_windows * width, device)
     table = table[:, : lay.n_windows * width]  # pool entries are a function of (row, column) alone
     feats = [pool.window_features(table, width, w, gemm_dtype) for w in range(lay.n_windows)]
-    z = torch.zeros(m.shape, dtype=torch.float32, device=device)
-    indices = torch.zeros(lay.n_groups, steps, dtype=torch.int64, device=device)
+    z = torch.zeros(beams, m.numel(), dtype=torch.float32, device=device)  # each beam's walk so far
+    indices = torch.zeros(lay.n_groups, beams, steps, dtype=torch.int64, device=device)
+    # summed log importance weights of each beam's walk (the ranking key adds the Gumbels drawn
+    # along it when `sample`); beams 1.. start empty, so the first step fills them from beam 0
+    weight = torch.zeros(lay.n_groups, beams, dtype=torch.float64, device=device)
+    weight[:, 1:] = -math.inf
+    key = weight.clone()
+    offset = torch.zeros_like(weight)
+    ext_rows = (torch.arange(beams, device=device)[:, None] * k + torch.arange(k, device=device)).view(1, beams, k)
     for step in range(int(group_steps.max()) if lay.n_groups else 0):
         scr = pool.scramble(seed, level, step, lay)
         s = scales[dim_steps - 1, step]
         sd = s.double()
+        off = dim_steps <= step
         if auxiliary:  # log q_k(a) / p_k(a) of shard a = s x under its conditional target
             # The shards still to come sum to R ~ N(0, r) under p; under q (q(shards) =
             # p(shards) q(z) / p(z)) R given the walk so far is N(mu_r, 1 / prec), and this shard
@@ -115,30 +127,65 @@ def encode(
             r = rest[dim_steps - 1, step].clamp(min=1e-300)
             zd = z.double()
             prec = 1.0 / r + 1.0 / v - 1.0  # > 0: r <= 1
-            mu_r = ((m - zd) / v + zd) / prec
+            mu_r = ((m - zd) / v + zd) / prec  # (beams, N)
             frac = sd * sd / r  # share of the remaining prior variance this shard carries
             tau = (sd * sd - sd * sd * frac + frac * frac / prec).clamp(min=1e-300)
-            a = 0.5 - sd * sd / (2.0 * tau)
-            b = sd * frac * mu_r / tau
-            off = dim_steps <= step
-            a, b = a.masked_fill(off, 0.0), b.masked_fill(off, 0.0)
+            a = (0.5 - sd * sd / (2.0 * tau)).masked_fill(off, 0.0)
+            b = (sd * frac * mu_r / tau).masked_fill(off, 0.0)
+            if beams > 1:  # the weight's x-free part, which differs between beams
+                c = -0.5 * (frac * mu_r) ** 2 / tau - 0.5 * torch.log(tau / (sd * sd))
+                offset = torch.zeros_like(weight.T).index_add_(1, lay.dim_group, c.masked_fill(off, 0.0)).T
         else:  # the thesis: log q of the running sum z + s x
             a = -(sd * sd) / (2.0 * v)
             b = sd * (m - z.double()) / v
-        ab = pool.block_matrix(lay, scr, a, b)
-        for groups in _group_chunks(lay.n_groups, k, memory_bytes):
-            scores = pool.group_scores(feats, lay, scr, ab, groups)
+        ab = pool.block_matrix(lay, scr, a, b)  # (beams, nb, 2 * width)
+        parent = torch.arange(beams, device=device).repeat(lay.n_groups, 1)
+        choice = torch.zeros_like(parent)
+        new_weight, new_key = weight.clone(), key.clone()
+        for groups in _group_chunks(lay.n_groups, k * beams, memory_bytes):
+            scores = pool.group_scores(feats, lay, scr, ab, groups).permute(2, 1, 0)  # (n, beams, K)
+            noise = 0.0
             if sample:  # pick a shard with probability proportional to its weight (Gumbel-max)
                 keys = torch.arange(groups.start, groups.stop, device=device) * steps + step
-                scores = scores.double() + rng.gumbel(
-                    seed, level, keys[None, :], torch.arange(k, device=device)[:, None]
+                noise = rng.gumbel(seed, level, keys[:, None, None], ext_rows)
+                best = (scores[:, 0].double() + noise[:, 0]).argmax(1)
+            else:
+                best = scores[:, 0].argmax(1)  # beam 0 walks as one beam would
+            if beams == 1:
+                choice[groups, 0] = best
+            else:
+                parent[groups], choice[groups], new_weight[groups], new_key[groups] = _extend_beams(
+                    best, scores.double() + offset[groups, :, None], noise, weight[groups], key[groups]
                 )
-            indices[groups, step] = scores.argmax(0)
-        indices[:, step].masked_fill_(group_steps <= step, 0)  # a mask index would sync
-        rows = pool.dim_rows(indices[lay.dim_group, step], scr, k)
+        live = (group_steps > step)[:, None]
+        parent = torch.where(live, parent, torch.arange(beams, device=device))
+        choice.masked_fill_(~live, 0)  # a mask index would sync
+        weight, key = torch.where(live, new_weight, weight), torch.where(live, new_key, key)
+        indices = indices.gather(1, parent[:, :, None].expand(-1, -1, steps))
+        indices[:, :, step] = choice
+        rows = pool.dim_rows(choice[lay.dim_group].T, scr, k)
         x = table[rows, scr.col] * scr.sign  # == pool.chosen_values, without hashing
-        z = torch.where(dim_steps > step, z + x * s, z)
-    return indices, z
+        z = z.gather(0, parent[lay.dim_group].T)
+        z = torch.where(off, z, z + x * s)
+    pick = weight.argmax(1)  # the walk with the largest importance weight
+    return indices[torch.arange(lay.n_groups, device=device), pick], z.gather(0, pick[lay.dim_group][None])[0]
+
+
+def _extend_beams(best, gains, noise, weight, key):
+    """One step of the beam search for n groups: their beams' (n, B, K) step log-weights `gains`
+    (with the beam's x-free part) and the Gumbels `noise` added to them (0.0 without `sample`).
+
+    Beam 0 takes its own best shard `best`, so it is always the walk one beam would take and the
+    chosen walk's weight never falls below it; beams 1.. take the B - 1 other extensions of any
+    beam with the largest ranking keys. Returns (parent beam, shard, weight, key), each (n, B).
+    """
+    n, n_beams, k = gains.shape
+    ext = key[:, :, None] + gains + noise
+    ranked = ext.flatten(1).scatter(1, best[:, None], -math.inf)  # (beam 0, best) is taken
+    top = torch.cat([best[:, None], ranked.topk(n_beams - 1, dim=1).indices], dim=1)  # (n, B) flat
+    parent, choice = top // k, top % k
+    step_weight = gains.flatten(1).gather(1, top)
+    return parent, choice, weight.gather(1, parent) + step_weight, ext.flatten(1).gather(1, top)
 
 
 @torch.no_grad()

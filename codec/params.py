@@ -1,8 +1,8 @@
 """REC coder parameters: one frozen dataclass per level plus shared knobs, and presets.
 
 Only the fields in `format_bytes` change the bytes a decoder must understand; the others
-(margin, outlier limit, oversampling, selection, memory, GEMM dtype, shard decay choices) steer
-the encoder only. The presets and the table of registered parameter sets live here with the
+(margin, outlier limit, oversampling, selection, beams, memory, GEMM dtype, shard decay choices)
+steer the encoder only. The presets and the table of registered parameter sets live here with the
 dataclasses, past ~300 lines, so that every change to what a file may say is reviewed in one place.
 """
 
@@ -68,6 +68,7 @@ class LevelParams:
     outlier_min_bits: float = 0.0  # ... and KL above this are sent as outliers too
     decay_choices: tuple[float, ...] = ()  # greedy: the encoder codes with the one whose sample
     decay_trial_every: int = 4  # fits q best, tried on every n-th group (level.choose_shard_decay)
+    beams: int = 1  # greedy + auxiliary: walks kept per group, ranked by summed log-weight (iREC)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -91,6 +92,10 @@ class LevelParams:
             raise ValueError("decay_choices must lie in (0, 1]")
         if self.decay_trial_every < 1:
             raise ValueError("decay_trial_every must be >= 1")
+        if not 1 <= self.beams <= min(1 << self.index_bits, 1 << (24 - self.index_bits)):
+            raise ValueError("beams must be in [1, min(2^index_bits, 2^(24 - index_bits))]")
+        if self.beams > 1 and (self.sampler != "greedy" or self.target != "auxiliary"):
+            raise ValueError("beams > 1 needs the greedy sampler with target 'auxiliary'")
         if self.budget_bits <= 0:
             raise ValueError("margin_nats leaves no group budget")
 
@@ -159,6 +164,12 @@ FAST_L2 = LevelParams(
     outlier_min_ratio=0.1,
     decay_choices=DECAY_CHOICES,
 )
+# iREC (Flamich, Havasi & Hernandez-Lobato 2020): many small auxiliary-variable steps, each the best of
+# 64 candidates for ~4 nats of KL (the reference code: ~20 for 3 nats), 10 beams per group ranked by
+# the summed log importance weight. Shards shrink slowly (0.97 a step over up to 70 steps): on training
+# photos 0.95 lost 0.2-0.3 dB against it, 0.9 over 1 dB, 0.99 and equal shards 0.1-0.5 dB.
+IREC_L1 = LevelParams("greedy", 6, 70, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary", shard_decay=0.97, beams=10)
+IREC_L2 = IREC_L1.replace(margin_nats=0.5, outlier_bits=18.0, zero_run=384)
 
 # CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
 _PRESET_FIELDS = {
@@ -166,6 +177,7 @@ _PRESET_FIELDS = {
     "fast": dict(level1=FAST_L1, level2=FAST_L2, gemm_dtype="float32"),
     "thesis-importance": dict(level2=IMPORTANCE_L2),  # `thesis` with the thesis's level-2 sampler
     "thesis-code": dict(level1=THESIS_CODE_L1, level2=THESIS_CODE_L2),  # for comparisons
+    "irec": dict(level1=IREC_L1, level2=IREC_L2),  # iREC-style beam search over small steps
 }
 PRESETS = tuple(_PRESET_FIELDS)
 

@@ -193,6 +193,7 @@ def greedy_walk(
         decay=decay,
         auxiliary=lp.target == "auxiliary",
         sample=lp.selection == "sample",
+        beams=lp.beams,
         table=table,
     )
 

@@ -118,14 +118,17 @@ def scramble(seed: int, level: int, step: int, lay: Layout) -> Scramble:
 
 
 def block_matrix(lay: Layout, scr: Scramble, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(nb, 2*width): per block, the x^2 coefficients then the (sign-folded) x coefficients."""
+    """(..., nb, 2*width): per block, the x^2 coefficients then the (sign-folded) x coefficients.
+
+    `b` may have leading dims (beams, each with its own walk so far); `a` is shared by them."""
     w = lay.width
     nb = lay.block_group.numel()
-    ab = torch.zeros(nb * 2 * w, dtype=torch.float32, device=a.device)
-    local = scr.col % w
-    ab[lay.dim_block * 2 * w + local] = a.float()
-    ab[lay.dim_block * 2 * w + w + local] = (b * scr.sign).float()
-    return ab.view(nb, 2 * w)
+    lead = b.shape[:-1]
+    ab = torch.zeros(*lead, nb * 2 * w, dtype=torch.float32, device=a.device)
+    slot = lay.dim_block * 2 * w + scr.col % w
+    ab[..., slot] = a.float()
+    ab[..., slot + w] = (b * scr.sign).float()
+    return ab.view(*lead, nb, 2 * w)
 
 
 def window_features(pool: torch.Tensor, width: int, window: int, dtype) -> torch.Tensor:
@@ -137,16 +140,18 @@ def window_features(pool: torch.Tensor, width: int, window: int, dtype) -> torch
 def group_scores(
     feats: list[torch.Tensor], lay: Layout, scr: Scramble, ab: torch.Tensor, groups: slice
 ) -> torch.Tensor:
-    """(K, n) scores of every pool row as a candidate for groups[groups]: sum of block GEMMs.
+    """(K, ..., n) scores of every pool row as a candidate for groups[groups]: sum of block GEMMs.
 
-    One GEMM per (window, row shift) that some block reads, blocks in ascending order; the
+    `ab` is block_matrix's (..., nb, 2*width); its leading dims (beams) become columns of the same
+    GEMMs. One GEMM per (window, row shift) that some block reads, blocks in ascending order; the
     blocks are sorted into those segments on the device, so a step waits for it only once (the
     segment sizes), not once per segment: on a GPU each wait also stalls the kernel queue.
     """
     g0, g1 = groups.start, groups.stop
     k = feats[0].shape[0]
+    lead = ab.shape[:-2]
     n_shifts = lay.n_shifts
-    out = torch.zeros(k, g1 - g0, dtype=torch.float32, device=ab.device)
+    out = torch.zeros(k, *lead, g1 - g0, dtype=torch.float32, device=ab.device)
     n_segments = len(feats) * n_shifts  # blocks of other groups go to one more, unused, at the end
     in_range = (lay.block_group >= g0) & (lay.block_group < g1)
     segment = torch.where(in_range, scr.block_window * n_shifts + scr.block_shift, n_segments)
@@ -159,10 +164,11 @@ def group_scores(
         sel = order[start : start + n]
         start += n
         w, shift = divmod(seg, n_shifts)
-        s = feats[w] @ ab[sel].to(feats[w].dtype).T  # (K, blocks): row r scores candidate r - shift
+        rows = ab[..., sel, :].reshape(-1, ab.shape[-1]).to(feats[w].dtype)
+        s = (feats[w] @ rows.T).view(k, *lead, n)  # row r scores candidate r - shift
         if shift:
             s = torch.roll(s, -shift, 0)
-        out.index_add_(1, lay.block_group[sel] - g0, s.float())
+        out.index_add_(out.dim() - 1, lay.block_group[sel] - g0, s.float())
     return out
 
 
