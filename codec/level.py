@@ -8,13 +8,20 @@ outliers, sent as 16-bit quantised values (the encoder keeps the dequantised val
 decoder will see it), zero runs (a prior sample from the shared stream, no index) and groups
 whose KL fits the group budget, coded by the level's sampler.
 With `adaptive` params each group's index length follows its KL (importance: L_g =
-ceil(KL_g + t) bits, 2^L_g candidates; greedy: S_g = ceil((KL_g + margin) / b) steps), and is
-sent as side information; otherwise every group costs B bits / S steps (the thesis code).
+ceil(KL_g + t) bits, 2^L_g candidates; greedy: S_g = ceil((KL_g + margin) / b) steps; sp-*:
+L_b = floor(KL_b - (b - t)) bin bits), and is sent as side information; otherwise every group
+costs B bits / S steps (the thesis code).
+
+The block coders of codec/pfr.py (samplers pfr, orc, sp-pfr, sp-orc) code each group as one
+block, keyed by its group number: one more rANS field holds floor(log2 k) of each block's index
+k, and the raw bits end with the blocks' bin tuples (sp-*: L_b bits each, spread evenly over the
+block's dims, pfr.spread_bin_bits) and k's mantissas. The exact ones (pfr, sp-pfr) sample
+pfr.bounded_target's variances, which keep every dim's density ratio bounded.
 
     u8 version (2) | u8 sampler | u16 params check | varint n_segments | varint n_zero_runs
     | varint n_outliers | varint len(rans) | rANS side info (segment kinds/lengths, group
-    sizes, zero-run lengths, outlier gaps) | raw bits (tables or raw small fields, mantissas,
-    outlier values, indices) | u32 CRC32 of everything before
+    sizes, zero-run lengths, outlier gaps[, block index buckets]) | raw bits (tables or raw
+    small fields, mantissas, outlier values, indices) | u32 CRC32 of everything before
 """
 
 import math
@@ -25,7 +32,7 @@ import zlib
 import numpy as np
 import torch
 
-from codec import greedy, importance, rng
+from codec import greedy, importance, pfr, rng
 from codec.entropy import (
     BitReader,
     BitWriter,
@@ -35,12 +42,12 @@ from codec.entropy import (
     encode_fields,
     unbucketize,
 )
-from codec.params import CoderParams, LevelParams
+from codec.params import SAMPLERS, CoderParams, LevelParams
 from codec.plan import check_dims, choose_shard_decay, greedy_walk, plan_level, walk_settings
 
 SECTION_FORMAT_VERSION = 2  # of a level section (codec/bitstream.py has the container's FORMAT_VERSION)
 OUTLIER_BITS_Q = 16
-_SAMPLER_IDS = {"greedy": 1, "importance": 2}
+_SAMPLER_IDS = {name: i + 1 for i, name in enumerate(SAMPLERS)}  # greedy 1, importance 2, then pfr.METHODS
 _LONG = rng.GROUP_BITS + 1  # bit lengths of run lengths and gaps (a level has < 2^28 dims)
 _DIRECT_ALPHABET = 64  # group sizes up to this are rANS symbols; larger ones are bucketed
 
@@ -145,6 +152,8 @@ def encode_level(
         used = np.arange(lp.steps)[None, :] < steps_np[:, None]
         idx_np = idx.cpu().numpy()[used]
         widths = lp.index_bits
+    elif lp.sampler in pfr.METHODS:
+        x, block_fields, block_stats = _code_blocks(m[cod_pos], v[cod_pos], sizes, lens, lp, params, seed, level)
     else:
         if lens is None:
             n_cand = torch.exp(plan.group_kl + lp.oversample_bits * math.log(2)).ceil()
@@ -167,6 +176,8 @@ def encode_level(
             sample=lp.selection == "sample",
         )
         idx_np = idx.cpu().numpy()
+    if lp.sampler in pfr.METHODS:  # keys and mantissas as the indices, floor(log2 k) in the rANS fields
+        buckets, idx_np, widths = block_fields
     eps[cod_pos] = x
 
     bits = BitWriter()
@@ -176,7 +187,10 @@ def encode_level(
     zl_sym, zl_mant, zl_w = bucketize(seg_sizes[seg_zero], 0)
     gaps = torch.diff(out_pos, prepend=out_pos.new_tensor([-1])).cpu().numpy()
     gap_sym, gap_mant, gap_w = bucketize(gaps, 0)
-    rans = encode_fields([(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG), (gap_sym, _LONG)], bits)
+    fields = [(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG), (gap_sym, _LONG)]
+    if lp.sampler in pfr.METHODS:
+        fields.append((buckets, pfr.INDEX_ALPHABET))
+    rans = encode_fields(fields, bits)
     bits.write(size_mant, size_w)
     bits.write(zl_mant, zl_w)
     bits.write(gap_mant, gap_w)
@@ -212,7 +226,50 @@ def encode_level(
         raw_side_bits=side_bits,
         seconds=time.perf_counter() - t0,
     )
+    if lp.sampler in pfr.METHODS:
+        stats.update(block_stats)
     return sample, data, stats
+
+
+def _block_layout(sizes: np.ndarray, lens, lp: LevelParams, device) -> pfr.BlockLayout:
+    """The groups as pfr blocks; sp-* blocks' L_b bin bits spread evenly over their dims."""
+    sizes_t = torch.from_numpy(sizes).to(device)
+    bins = None if lens is None else pfr.spread_bin_bits(sizes_t, torch.from_numpy(lens).to(device), device)
+    return pfr.make_layout(sizes_t, bins, device)
+
+
+def _code_blocks(m, v, sizes: np.ndarray, lens, lp: LevelParams, params: CoderParams, seed: int, level: int):
+    """The coded groups by a pfr block coder: (sample, (buckets, raw values, raw widths), stats)."""
+    device = m.device
+    if not sizes.size:  # every dim an outlier or in a zero run
+        empty = np.zeros(0, dtype=np.int64)
+        stats = dict(mean_steps=0.0, max_steps=0, capped_blocks=0, bounded_dims=0, bin_bits=0)
+        return m.float(), (empty, empty, empty), stats
+    lay = _block_layout(sizes, lens, lp, device)
+    exact = lp.sampler in pfr.EXACT_METHODS
+    target_v = pfr.bounded_target(m, v) if exact else v
+    x, keys, ks, st = pfr.code_blocks(
+        m,
+        target_v,
+        lay,
+        seed=seed,
+        method=lp.sampler,
+        level=level,
+        budget=None if exact else 1 << lp.index_bits,
+        max_steps=1 << lp.index_bits,
+        memory_elems=params.memory_bytes(device) // 64,  # ~8 float64 temporaries per candidate-dim
+    )
+    buckets, mantissas, widths = bucketize(ks.cpu().numpy(), 0)
+    key_widths = lay.block_bin_bits.cpu().numpy()
+    values = np.concatenate([keys.cpu().numpy(), mantissas])
+    stats = dict(
+        mean_steps=float(st["steps"].double().mean()),
+        max_steps=int(st["steps"].max()),
+        capped_blocks=int(st["capped"].sum()),
+        bounded_dims=int((target_v < v).sum()),
+        bin_bits=int(key_widths.sum()),
+    )
+    return x, (buckets, values, np.concatenate([key_widths, widths])), stats
 
 
 def _length_symbols(lens, seg_zero: np.ndarray, lp: LevelParams) -> tuple[np.ndarray, int]:
@@ -222,13 +279,15 @@ def _length_symbols(lens, seg_zero: np.ndarray, lp: LevelParams) -> tuple[np.nda
     if lens is None:
         sym[~seg_zero] = 1
         return sym, 2
-    sym[~seg_zero] = lens + 1 if lp.sampler == "importance" else lens
+    sym[~seg_zero] = lens if lp.sampler == "greedy" else lens + 1
     return sym, _length_alphabet(lp)
 
 
 def _length_alphabet(lp: LevelParams) -> int:
     if not lp.adaptive:
         return 2
+    if lp.sampler in pfr.METHODS:
+        return pfr.MAX_BIN_BITS_PER_BLOCK + 2
     return lp.index_bits + 2 if lp.sampler == "importance" else lp.steps + 1
 
 
@@ -267,11 +326,10 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
         raise RecDecodeError(f"level {level}: side information truncated")
     bits = BitReader(body[pos + n_rans :])
     size_alphabet, direct = _size_field(lp)
-    len_sym, size_sym, zl_sym, gap_sym = decode_fields(
-        body[pos : pos + n_rans],
-        [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG), (n_out, _LONG)],
-        bits,
-    )
+    fields = [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG), (n_out, _LONG)]
+    if lp.sampler in pfr.METHODS:
+        fields.append((n_groups, pfr.INDEX_ALPHABET))
+    len_sym, size_sym, zl_sym, gap_sym, *block_sym = decode_fields(body[pos : pos + n_rans], fields, bits)
     seg_zero = len_sym == 0
     if int(seg_zero.sum()) != n_zero:
         raise RecDecodeError(f"level {level}: zero-run count mismatch")
@@ -279,8 +337,10 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
     zero_len = unbucketize(zl_sym, bits, False)
     gaps = unbucketize(gap_sym, bits, False)
     q = torch.from_numpy(bits.read(n_out, OUTLIER_BITS_Q).astype(np.int64))
-    lens = len_sym[~seg_zero] - (1 if lp.sampler == "importance" else 0)
-    if lp.sampler == "greedy":
+    lens = len_sym[~seg_zero] - (0 if lp.sampler == "greedy" else 1)
+    if lp.sampler in pfr.METHODS:
+        idx = _read_block_indices(bits, block_sym[0], sizes, lens if lp.adaptive else None, level)
+    elif lp.sampler == "greedy":
         steps_np = lens if lp.adaptive else np.full(n_groups, lp.steps, dtype=np.int64)
         flat = bits.read(int(steps_np.sum()), lp.index_bits).astype(np.int64)
         idx = np.zeros((n_groups, lp.steps), dtype=np.int64)
@@ -316,8 +376,29 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
             group_steps=torch.from_numpy(steps_np).to(device),
             decay=lp.shard_decay,
         )
+    elif lp.sampler in pfr.METHODS:
+        if sizes.size:
+            lay = _block_layout(sizes, lens if lp.adaptive else None, lp, device)
+            eps[cod_pos] = pfr.regenerate(seed, level, lay, idx_t[0], idx_t[1])
     else:
         eps[cod_pos] = importance.decode(
             idx_t, sizes_t, seed=seed, level=level, bits=lp.index_bits, width=lp.pool_width
         )
     return _destandardise(eps, p_loc, p_scale)
+
+
+def _read_block_indices(bits: BitReader, buckets: np.ndarray, sizes: np.ndarray, lens, level: int) -> np.ndarray:
+    """(2, n_blocks): the blocks' bin tuples and indices k, checked before any candidate is hashed."""
+    n_blocks = buckets.size
+    if n_blocks > pfr.MAX_BLOCKS:
+        raise RecDecodeError(f"level {level}: {n_blocks} blocks, above {pfr.MAX_BLOCKS}")
+    key_bits = np.zeros(n_blocks, dtype=np.int64) if lens is None else lens
+    if n_blocks and (
+        key_bits.max() > pfr.MAX_BIN_BITS_PER_BLOCK or (key_bits > sizes * pfr.MAX_BIN_BITS_PER_DIM).any()
+    ):
+        raise RecDecodeError(f"level {level}: more bin bits than a block can hold")
+    keys = bits.read(n_blocks, key_bits).astype(np.int64)
+    ks = unbucketize(buckets, bits, False)
+    if n_blocks and ks.max() >= pfr.MAX_INDEX:
+        raise RecDecodeError(f"level {level}: block index out of range")
+    return np.stack([keys, ks])

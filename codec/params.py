@@ -13,7 +13,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-SAMPLERS = ("greedy", "importance")
+from codec import pfr
+
+# ids 1, 2, ... in the header's level parameters; append only
+SAMPLERS = ("greedy", "importance", *pfr.METHODS)
 _FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
 
 
@@ -50,8 +53,8 @@ def _parse_value(key: str, text: str, kind: type):
 
 @dataclass(frozen=True)
 class LevelParams:
-    sampler: str = "greedy"  # "greedy" (thesis Alg. 2) or "importance" (Alg. 3 + 5)
-    index_bits: int = 14  # bits per greedy step, or per importance group (B)
+    sampler: str = "greedy"  # "greedy" (thesis Alg. 2), "importance" (Alg. 3 + 5) or a pfr.METHODS block coder
+    index_bits: int = 14  # bits per greedy step, or per importance group (B); block coders below
     steps: int = 30  # greedy shards S; always 1 for importance
     max_group_size: int = 4095  # dims per group
     margin_nats: float = 1.0  # group KL budget = steps * index_bits bits - margin
@@ -96,8 +99,25 @@ class LevelParams:
             raise ValueError("beams must be in [1, min(2^index_bits, 2^(24 - index_bits))]")
         if self.beams > 1 and (self.sampler != "greedy" or self.target != "auxiliary"):
             raise ValueError("beams > 1 needs the greedy sampler with target 'auxiliary'")
+        if self.sampler in pfr.METHODS:
+            self._check_block_coder()
         if self.budget_bits <= 0:
             raise ValueError("margin_nats leaves no group budget")
+
+    def _check_block_coder(self) -> None:
+        """The pfr.METHODS samplers code each group as one block. orc / sp-orc search 2^index_bits
+        candidates, pfr / sp-pfr stop after at most 2^index_bits arrivals; a block carries
+        steps x (index_bits - oversample_bits) bits of KL (budget_bits), all but one step's worth
+        of them, in sp-* blocks, in its bin tuple, whose length is sent per block (adaptive)."""
+        spatial = self.sampler.startswith("sp-")
+        if self.max_group_size > pfr.MAX_DIMS_PER_BLOCK:
+            raise ValueError(f"{self.sampler} blocks hold at most {pfr.MAX_DIMS_PER_BLOCK} dims")
+        if self.steps != 1 and not spatial:
+            raise ValueError(f"{self.sampler} blocks have one step (use sp-{self.sampler} for more)")
+        if self.adaptive != spatial:
+            raise ValueError("sp-* samplers send each block's bin bits (adaptive); pfr and orc send none")
+        if self.step_bits <= 0:
+            raise ValueError("oversample_bits leaves no KL for a block's index")
 
     def replace(self, **changes) -> "LevelParams":
         return replace(self, **changes)
@@ -171,12 +191,33 @@ FAST_L2 = LevelParams(
 IREC_L1 = LevelParams("greedy", 6, 70, 4095, 1.0, 24.0, zero_run=1024, target="auxiliary", shard_decay=0.97, beams=10)
 IREC_L2 = IREC_L1.replace(margin_nats=0.5, outlier_bits=18.0, zero_run=384)
 
+# The block coders of codec/pfr.py (docs/coder.md, "Exact coders"), the same on both levels. Their
+# budgets keep a Kodak image's encode within about a minute on one CPU thread:
+# - pfr: exact (Poisson functional representation), blocks of <= 6 bits KL and <= 8 dims, searched
+#   for up to 2^16 arrivals (~2^D_inf; D_inf exceeds KL by ~0.7 bits a sharp dim), dims above 12
+#   bits as outliers; ~KL + log2(KL + 1) + 2 bits a block, so about 1.5-2x KL: an oracle.
+# - orc: ordered random coding with 2^10 candidates for <= 8 bits a block (2 bits of margin against
+#   its bias), dims above 8 bits as outliers.
+# - sp-orc: space partitioning, 32-bit blocks: all but the last 8 bits of a block's KL in its
+#   bin tuple, 2^10 candidates for the rest.
+# - sp-pfr: space-partitioned PFR over 12-bit blocks of <= 8 dims, all but 6 bits in the bin tuple,
+#   searched for up to 2^12 arrivals: with the bins spread evenly over a block's dims (all the decoder
+#   knows) the search is longer than plain PFR's, and blocks that reach the cap are not exact.
+PFR_L = LevelParams("pfr", 16, 1, 8, 0.0, 12.0, oversample_bits=10.0, adaptive=False, zero_run=1024)
+ORC_L = LevelParams("orc", 10, 1, 255, 0.0, 8.0, oversample_bits=2.0, adaptive=False, zero_run=1024)
+SP_PFR_L = LevelParams("sp-pfr", 12, 2, 8, 0.0, 24.0, oversample_bits=6.0, zero_run=1024)
+SP_ORC_L = LevelParams("sp-orc", 10, 4, 255, 0.0, 24.0, oversample_bits=2.0, zero_run=1024)
+
 # CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
 _PRESET_FIELDS = {
     "thesis": {},  # the thesis code's level-1 budgets on both levels, see THESIS_L1 / THESIS_L2
     "fast": dict(level1=FAST_L1, level2=FAST_L2, gemm_dtype="float32"),
     "thesis-importance": dict(level2=IMPORTANCE_L2),  # `thesis` with the thesis's level-2 sampler
     "thesis-code": dict(level1=THESIS_CODE_L1, level2=THESIS_CODE_L2),  # for comparisons
+    "pfr": dict(level1=PFR_L, level2=PFR_L),
+    "orc": dict(level1=ORC_L, level2=ORC_L),
+    "sp-pfr": dict(level1=SP_PFR_L, level2=SP_PFR_L),
+    "sp-orc": dict(level1=SP_ORC_L, level2=SP_ORC_L),
     "irec": dict(level1=IREC_L1, level2=IREC_L2),  # iREC-style beam search over small steps
 }
 PRESETS = tuple(_PRESET_FIELDS)
@@ -237,6 +278,18 @@ REGISTERED_FORMATS = {
         "01010a00280fff4200000000800008013fee666666666666",
         26: "01010a00280fff4200000000800008013feccccccccccccd",  # fast, 1 level, shard decay 0.9
         27: "01010a00280fff4200000000800008013fee666666666666",  # fast, 1 level, shard decay 0.95
+        28: "020310000100084200000000800008003ff0000000000000"  # pfr, 2 levels
+        "010310000100084200000000800008003ff0000000000000",
+        29: "010310000100084200000000800008003ff0000000000000",  # pfr, 1 level
+        30: "02040a000100ff4200000000800008003ff0000000000000"  # orc, 2 levels
+        "01040a000100ff4200000000800008003ff0000000000000",
+        31: "01040a000100ff4200000000800008003ff0000000000000",  # orc, 1 level
+        32: "02050c000200084200000000800008013ff0000000000000"  # sp-pfr, 2 levels
+        "01050c000200084200000000800008013ff0000000000000",
+        33: "01050c000200084200000000800008013ff0000000000000",  # sp-pfr, 1 level
+        34: "02060a000400ff4200000000800008013ff0000000000000"  # sp-orc, 2 levels
+        "01060a000400ff4200000000800008013ff0000000000000",
+        35: "01060a000400ff4200000000800008013ff0000000000000",  # sp-orc, 1 level
     }.items()
 }
 

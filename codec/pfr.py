@@ -67,10 +67,12 @@ MAX_BLOCKS = 1 << rng.PFR_BLOCK_BITS
 MAX_INDEX = 1 << rng.PFR_INDEX_BITS  # k - 1 is the counter's candidate field
 MAX_BIN_BITS_PER_DIM = 20  # keeps >= 12 bits of the 32-bit uniform inside a bin
 MAX_BIN_BITS_PER_BLOCK = 62  # the bin tuple is one non-negative int64
-_BUCKETS = 32  # floor(log2 k) < 28
+INDEX_ALPHABET = 32  # symbols floor(log2 k) of the in-bin index k (< 28)
 _BOUND_MARGIN_NATS = 1e-3  # the table's bin edges differ from Phi^-1's by ~1e-9: a safe r_max
 _LN2 = math.log(2.0)
 DEFAULT_BIN_MIX = 0.05  # share of uniformly drawn bins in the SP search (encoder-only)
+BOUNDED_MEAN_NATS = 1.0  # bounded_target: at most this much of a dim's D_inf from its mean shift
+BOUNDED_MIN_GAP = 1e-3  # ... and every variance at most 1 minus this
 
 
 @dataclass
@@ -159,6 +161,29 @@ def allocate_bin_bits(info_bits: torch.Tensor, block_sizes, block_bin_bits) -> t
     return bits.clamp(max=MAX_BIN_BITS_PER_DIM)
 
 
+def spread_bin_bits(block_sizes, block_bin_bits, device="cpu") -> torch.Tensor:
+    """L_b bin bits of each block spread evenly over its dims (the first dims take the remainder).
+
+    What a decoder computes from the block sizes and L_b alone, when no per-dim information is
+    shared; at most MAX_BIN_BITS_PER_DIM a dim, so L_b <= MAX_BIN_BITS_PER_DIM * size."""
+    sizes = torch.as_tensor(block_sizes, dtype=torch.int64, device=device)
+    return allocate_bin_bits(torch.ones(int(sizes.sum()), dtype=torch.float64, device=device), sizes, block_bin_bits)
+
+
+def bounded_target(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Variances an exact search can reach: v' = min(v, max(1 - m^2 / (2 c), 1/2), 1 - gap), c = BOUNDED_MEAN_NATS.
+
+    A dim's D_inf is -ln(v)/2 + m^2 / (2 (1 - v)) nats: unbounded for v >= 1 and huge for v just
+    below 1 with m != 0, so a posterior almost as wide as the prior but shifted would make PFR run
+    ~e^D_inf steps. Capping v bounds the shift's part by c nats (by m^2 nats where |m| > sqrt(c)
+    and the cap stops at 1/2). The capped dims are nearly prior-wide and carry little KL (on
+    Kodak latents of the shipped model 0.3-0.6 % of the coded dims, 0.1-5 % of a level's KL),
+    and their sample is sqrt(v'/v) narrower than q's (median 0.96-0.98 there); the exact coders
+    sample N(m, v') exactly."""
+    cap = torch.clamp(1.0 - m * m / (2.0 * BOUNDED_MEAN_NATS), min=0.5).clamp(max=1.0 - BOUNDED_MIN_GAP)
+    return torch.minimum(v, cap)
+
+
 # --- the shared proposal --------------------------------------------------------------------
 
 
@@ -219,6 +244,19 @@ def _log_bounds(m, v, lay: BlockLayout, mix: float) -> torch.Tensor:
 # --- the search -----------------------------------------------------------------------------
 
 
+def _unique_rows(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(pairs, dim=0, return_inverse=True) for (n, 2) int64, by two stable 1-D sorts
+    (torch's row-wise unique sorts rows one by one and dominated the SP search's time)."""
+    order = torch.argsort(pairs[:, 1], stable=True)
+    order = order[torch.argsort(pairs[order, 0], stable=True)]
+    rows = pairs[order]
+    new = torch.ones(rows.shape[0], dtype=torch.bool, device=pairs.device)
+    new[1:] = (rows[1:] != rows[:-1]).any(1)
+    inv = torch.empty_like(order)
+    inv[order] = torch.cumsum(new.long(), 0) - 1
+    return rows[new], inv
+
+
 class _BinCounter:
     """How many arrivals each (block, bin tuple) has had: gives an arrival its index k in its bin."""
 
@@ -229,7 +267,7 @@ class _BinCounter:
     def next_ks(self, blocks: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """1-based k of each arrival of (C, A) `keys` (arrival order = row order) of `blocks` (A,)."""
         chunk = torch.stack([blocks.expand_as(keys), keys], dim=-1).view(-1, 2)
-        uniq, inv = torch.unique(torch.cat([self.pairs, chunk]), dim=0, return_inverse=True)
+        uniq, inv = _unique_rows(torch.cat([self.pairs, chunk]))
         before = torch.zeros(uniq.shape[0], dtype=torch.int64, device=keys.device)
         before[inv[: self.pairs.shape[0]]] = self.counts
         new = inv[self.pairs.shape[0] :]
@@ -331,7 +369,7 @@ def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, me
 def _pack(method: str, lay: BlockLayout, keys: torch.Tensor, ks: torch.Tensor) -> bytes:
     bits = BitWriter()
     buckets, mantissas, widths = bucketize(ks.cpu().numpy(), 0)
-    rans = encode_fields([(buckets, _BUCKETS)], bits)
+    rans = encode_fields([(buckets, INDEX_ALPHABET)], bits)
     bits.write(keys.cpu().numpy(), lay.block_bin_bits.cpu().numpy())
     bits.write(mantissas, widths)
     body = struct.pack(">BBII", FORMAT_VERSION, METHODS[method], lay.n_blocks, len(rans)) + rans + bits.getvalue()
@@ -348,7 +386,7 @@ def _unpack(data: bytes, method: str, lay: BlockLayout) -> tuple[np.ndarray, np.
     if head + n_rans > len(data) - 4:
         raise RecDecodeError("PFR section truncated")
     bits = BitReader(data[head + n_rans : -4])
-    (buckets,) = decode_fields(data[head : head + n_rans], [(n_blocks, _BUCKETS)], bits)
+    (buckets,) = decode_fields(data[head : head + n_rans], [(n_blocks, INDEX_ALPHABET)], bits)
     keys = bits.read(n_blocks, lay.block_bin_bits.cpu().numpy()).astype(np.int64)
     ks = unbucketize(buckets, bits, False)
     bits.finish()
@@ -367,9 +405,63 @@ def _check_method(method: str, bin_bits) -> None:
         raise ValueError(f"{method} takes no bins: use sp-{method}")
 
 
-def _regenerate(seed, level, lay: BlockLayout, keys: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+def regenerate(seed, level, lay: BlockLayout, keys: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """The float32 points (bin `keys`, index `ks` per block) of every dim: the decoded sample."""
     dims = torch.arange(lay.dim_block.numel(), device=keys.device)
     return _points(seed, level, lay, dims, ks[lay.dim_block], keys[lay.dim_block])
+
+
+@torch.no_grad()
+def code_blocks(
+    m: torch.Tensor,
+    v: torch.Tensor,
+    lay: BlockLayout,
+    *,
+    seed: int,
+    method: str,
+    budget: int | None = None,
+    level: int = 0,
+    max_steps: int = 1 << 20,
+    memory_elems: int = 1 << 18,
+    bin_mix: float = DEFAULT_BIN_MIX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """encode_blocks without the byte packing: (sample, bin keys, indices k, stats), per block."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if not method.startswith("sp-") and bool(lay.bin_bits.any()):
+        raise ValueError(f"{method} takes no bins: use sp-{method}")
+    m, v = m.double().flatten(), v.double().flatten()
+    if m.numel() != lay.dim_block.numel() or v.numel() != m.numel():
+        raise ValueError("m and v must hold one value per dim of the blocks")
+    if not bool((v > 0).all()):
+        raise ValueError("variances must be positive")
+    exact = method in EXACT_METHODS
+    if exact and not bool(torch.isfinite(dinf_bits(m, v)).all()):
+        raise ValueError(f"{method} needs every v < 1 (r = q/p is unbounded otherwise): use orc / sp-orc")
+    if not exact and (budget is None or not 1 <= budget <= MAX_INDEX):
+        raise ValueError(f"{method} needs a candidate budget in [1, {MAX_INDEX}]")
+    best, steps, capped = _search(
+        m,
+        v,
+        lay,
+        seed=seed,
+        level=level,
+        exact=exact,
+        budget=budget,
+        max_steps=min(max_steps, MAX_INDEX - 1),
+        memory_elems=memory_elems,
+        mix=bin_mix,
+    )
+    stats = dict(
+        steps=steps,
+        index=best.k,
+        bin_key=best.key,
+        capped=capped,
+        kl_bits=_block_sum(kl_bits(m, v), lay.dim_block, lay.n_blocks),
+        dinf_bits=_block_sum(dinf_bits(m, v), lay.dim_block, lay.n_blocks),
+        bound_bits=_log_bounds(m, v, lay, bin_mix) / _LN2 if exact else None,
+    )
+    return regenerate(seed, level, lay, best.key, best.k), best.key, best.k, stats
 
 
 @torch.no_grad()
@@ -398,41 +490,21 @@ def encode_blocks(
     kl_bits, dinf_bits, bound_bits (log2 of the search's r'_max), code_bits (total, float).
     """
     _check_method(method, bin_bits)
-    m, v = m.double().flatten(), v.double().flatten()
     lay = make_layout(block_sizes, bin_bits, m.device)
-    if m.numel() != lay.dim_block.numel() or v.numel() != m.numel():
-        raise ValueError("m and v must hold one value per dim of the blocks")
-    if not bool((v > 0).all()):
-        raise ValueError("variances must be positive")
-    exact = method in EXACT_METHODS
-    if exact and not bool(torch.isfinite(dinf_bits(m, v)).all()):
-        raise ValueError(f"{method} needs every v < 1 (r = q/p is unbounded otherwise): use orc / sp-orc")
-    if not exact and (budget is None or not 1 <= budget <= MAX_INDEX):
-        raise ValueError(f"{method} needs a candidate budget in [1, {MAX_INDEX}]")
-    best, steps, capped = _search(
+    sample, keys, ks, stats = code_blocks(
         m,
         v,
         lay,
         seed=seed,
-        level=level,
-        exact=exact,
+        method=method,
         budget=budget,
-        max_steps=min(max_steps, MAX_INDEX - 1),
+        level=level,
+        max_steps=max_steps,
         memory_elems=memory_elems,
-        mix=bin_mix,
+        bin_mix=bin_mix,
     )
-    data = _pack(method, lay, best.key, best.k)
-    sample = _regenerate(seed, level, lay, best.key, best.k)
-    stats = dict(
-        steps=steps,
-        index=best.k,
-        bin_key=best.key,
-        capped=capped,
-        kl_bits=_block_sum(kl_bits(m, v), lay.dim_block, lay.n_blocks),
-        dinf_bits=_block_sum(dinf_bits(m, v), lay.dim_block, lay.n_blocks),
-        bound_bits=_log_bounds(m, v, lay, bin_mix) / _LN2 if exact else None,
-        code_bits=8.0 * len(data),
-    )
+    data = _pack(method, lay, keys, ks)
+    stats["code_bits"] = 8.0 * len(data)
     return sample, data, stats
 
 
@@ -443,4 +515,4 @@ def decode_blocks(block_sizes, data: bytes, *, seed: int, method: str, bin_bits=
     lay = make_layout(block_sizes, bin_bits, torch.device(device))
     keys, ks = _unpack(data, method, lay)
     keys_t = torch.from_numpy(keys).to(lay.sizes.device)
-    return _regenerate(seed, level, lay, keys_t, torch.from_numpy(ks).to(lay.sizes.device))
+    return regenerate(seed, level, lay, keys_t, torch.from_numpy(ks).to(lay.sizes.device))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from codec import greedy, rng
+from codec import greedy, pfr, rng
 from codec.params import CoderParams, LevelParams
 
 
@@ -75,12 +75,19 @@ def segments(kl_bits: np.ndarray, lp: LevelParams) -> tuple[np.ndarray, np.ndarr
     return np.asarray(sizes, dtype=np.int64), np.asarray(zero_flags, dtype=bool)
 
 
-def index_lengths(group_kl_bits: np.ndarray, lp: LevelParams) -> np.ndarray:
-    """Per coded group: importance index bits L_g, or greedy steps S_g (adaptive params only).
+def index_lengths(group_kl_bits: np.ndarray, sizes: np.ndarray, lp: LevelParams) -> np.ndarray:
+    """Per coded group: importance index bits L_g, greedy steps S_g or sp-* bin bits L_b (adaptive
+    params only).
 
     Importance: L_g = ceil(KL_g + t) in [0, B], so the group draws 2^L_g candidates and its
     index costs L_g bits. Greedy: S_g = ceil((KL_g + margin) / (b - t)) in [1, S] steps.
+    sp-*: L_b = floor(KL_b - (b - t)) bin bits, so the index inside the bin carries the last
+    b - t bits of KL; at most pfr.MAX_BIN_BITS_PER_DIM a dim and MAX_BIN_BITS_PER_BLOCK a block.
     """
+    if lp.sampler in pfr.METHODS:
+        raw = np.floor(group_kl_bits - lp.step_bits + 1e-9)
+        most = np.minimum(sizes * pfr.MAX_BIN_BITS_PER_DIM, pfr.MAX_BIN_BITS_PER_BLOCK)
+        return np.clip(raw, 0, most).astype(np.int64)
     if lp.sampler == "importance":
         raw = np.ceil(group_kl_bits + lp.oversample_bits - 1e-9)
         return np.clip(raw, 0, lp.index_bits).astype(np.int64)
@@ -140,7 +147,7 @@ def plan_level(q_loc, q_scale, p_loc, p_scale, lp: LevelParams) -> LevelPlan:
         torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.from_numpy(sizes).to(device)),
         kl[cod_pos],
     )
-    lens = index_lengths((group_kl / math.log(2)).cpu().numpy(), lp) if lp.adaptive else None
+    lens = index_lengths((group_kl / math.log(2)).cpu().numpy(), sizes, lp) if lp.adaptive else None
     return LevelPlan(
         m=m,
         v=v,

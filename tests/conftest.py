@@ -13,6 +13,15 @@ if str(REPO) not in sys.path:
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For the block coders' searches (many small ops): on a busy 2-core machine a second thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def photo_dir(tmp_path) -> Path:
     """Four smooth synthetic 'photos' (gradients + blobs), so a model can learn something in a few steps."""

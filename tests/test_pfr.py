@@ -21,13 +21,7 @@ ALPHA = 0.001
 U2_TOL = 0.06
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The searches run many small ops: on a busy 2-core machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def channel(n_blocks: int, info_bits: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
