@@ -12,9 +12,10 @@ differ by rounding: the decoded image may then differ slightly, but the file can
 misparsed, because the coder reads indices and side information from the bytes and the
 latent shape alone and uses the prior only to scale the decoded candidates.
 
-Memory: images are processed whole (no tiling), so the pixel count is limited by `max_pixels`
-(default MAX_PIXELS = 12 Mpx, e.g. 4000x3000). Measured peak with the thesis-size PLN on CPU:
-about 0.85 GB per megapixel, so about 10 GB at the limit.
+Memory: an image larger than a tile (`tile`, default tiling.DEFAULT_TILE) is coded tile by tile
+(codec/tiling.py), so the networks' memory follows the tile, not the image; what grows with the image
+is its pixels and its coded latents (about 2 bytes a pixel for the thesis-size PLN). `max_pixels`
+(default MAX_PIXELS, 120 Mpx) is a guard against absurd inputs, checked before anything is allocated.
 """
 
 import time
@@ -23,17 +24,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from codec import tiling
 from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_code, pack_rec, unpack_rec
 from codec.entropy import RecDecodeError
 from codec.header_params import params_from_header, params_to_bytes
-from codec.image import to_tensor, to_uint8
 from codec.level import decode_level, encode_level
 from codec.params import PRESETS, CoderParams
 from codec.rate import DEFAULT_QUALITY, quality_beta
+from codec.rng import tile_seed
 from codec.store import ModelRef
 from models import LatentVariableModel
 
-MAX_PIXELS = 12_000_000  # what the codec codes, whole (module docstring); image.MAX_DECODE_PIXELS: the loader's
+MAX_PIXELS = 120_000_000  # a guard (module docstring); image.MAX_DECODE_PIXELS is the image loader's
 
 
 class ImageTooLargeError(ValueError):
@@ -51,20 +53,21 @@ def _check_size(height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {height * width} pixels, above the "
-            f"limit of {max_pixels} (images are coded whole)"
+            f"limit of {max_pixels} (raise max_pixels to code it)"
         )
 
 
-def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (H, W, 3) array, or a (1|-, 3, H, W) tensor (uint8, or float in [0, 1])."""
+def image_pixels(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An (H, W, 3) uint8 array, or a (1|-, 3, H, W) tensor (uint8, or float in [0, 1]), as a (1, 3, H, W)
+    tensor: uint8 stays uint8 (a view of the array; the networks convert one tile at a time), else float."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
-        return to_tensor(image)
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
     x = image if image.ndim == 4 else image[None]
     if x.shape[0] != 1 or x.shape[1] != 3:
         raise ValueError(f"expected a (1, 3, H, W) tensor, got {tuple(image.shape)}")
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x if x.dtype == torch.uint8 else x.float()
 
 
 def coding_beta(
@@ -113,6 +116,7 @@ def compress_image(
     max_pixels: int = MAX_PIXELS,
     beta: float | None = None,
     quality: int | None = None,
+    tile: int = tiling.DEFAULT_TILE,
 ) -> tuple[bytes, np.ndarray, dict]:
     """Compress one image into .rec bytes.
 
@@ -126,10 +130,13 @@ def compress_image(
             header's 1/256-octave grid; must be None for a model trained at one β.
         quality: instead of beta, a quality level 1 (smallest files) to 8 (codec.rate.quality_beta);
             a variable-rate model given neither codes at codec.rate.DEFAULT_QUALITY.
+        tile: an image of more than tile² padded pixels is coded in tiles of tile × tile pixels
+            (codec/tiling.py; a multiple of the model's downsampling factor); 0 codes every image whole.
     Returns:
         (data, x_hat, stats): the file bytes, the (H, W, 3) uint8 image they decode to, and
         {"height", "width", "bytes", "bpp" (8 * bytes / (H W), header included), "kl_bits",
-        "kl_bpp", "levels" (the coder's per-level stats), "beta" (the coded β or None), "seconds"}.
+        "kl_bpp", "levels" (the coder's per-level stats, summed over tiles), "tiles", "beta" (the
+        coded β or None), "seconds"}.
     Raises:
         ImageTooLargeError: more than max_pixels pixels. ValueError: bad arguments.
     """
@@ -139,30 +146,36 @@ def compress_image(
     coder, params = _coder(params)
     if model.num_levels not in (1, 2):
         raise ValueError(f"models with {model.num_levels} levels are not supported")
-    x = image_tensor(image).to(device)  # (1, 3, H, W)
+    x = image_pixels(image).to(device)  # (1, 3, H, W)
     height, width = x.shape[-2:]
     _check_size(height, width, max_pixels)
     beta, beta_code = coding_beta(model, beta, quality)
     model = model.to(device).eval()
-    feats = model.bottom_up(model.pad(x), beta)
-    sections, levels = [], []
+    grid = tiling.TileGrid.for_image(model, height, width, tile)
+    sections, levels = {}, {}
 
-    def code(level: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
+    def code(level: int, index: int, q: tuple, p: tuple) -> torch.Tensor:
         nonlocal params
-        q_loc, q_scale = model.posterior(level, feats, p_loc, p_scale)
-        # the CODED sample: the next level's prior and posterior are computed from it
+        # the CODED sample: the next level's prior and posterior are computed from it. The per-level
+        # choices (the shard decay) are made on the first tile coded, grid.probe, and kept for the rest.
         z, data, stats = encode_level(
-            q_loc, q_scale, p_loc, p_scale, seed=seed, level=level, params=params, return_stats=True, choose_decay=True
+            *q,
+            *p,
+            seed=tile_seed(seed, index),
+            level=level,
+            params=params,
+            return_stats=True,
+            choose_decay=level not in levels,
         )
         if stats["shard_decay"] is not None:  # the header carries the decay each level was coded with
             params = params.with_level(level, shard_decay=stats["shard_decay"])
-        sections.append(data)
-        levels.append(stats)
+        sections[level, index] = data
+        levels[level] = _add_stats(levels.get(level), stats)
         return z
 
-    z = model.top_down(height, width, code, beta)
-    feats = None  # freed before the synthesis, the peak of memory
-    x_hat = to_uint8(model.synthesize(z, beta)[..., :height, :width])
+    tiled = len(grid) > 1
+    z = tiling.encode_walk(model, x, grid, code, beta, model.prior_context if tiled else 0)
+    x_hat = tiling.synthesize(model, grid, z, beta, model.synthesis_context if tiled else 0, height, width)
     header = RecHeader(
         model_ref.name,
         model_ref.sha256,
@@ -172,8 +185,10 @@ def compress_image(
         coder,
         params_to_bytes(params, model.num_levels),
         beta_code=beta_code,
+        **(_tiling_fields(model, grid) if tiled else {}),
     )
-    data = pack_rec(header, sections)
+    data = pack_rec(header, [sections[key] for key in sorted(sections, key=lambda k: (-k[0], k[1]))])
+    levels = [levels[level] for level in sorted(levels, reverse=True)]
     kl_bits = sum(s["kl_bits"] for s in levels)
     stats = {
         "height": height,
@@ -183,10 +198,27 @@ def compress_image(
         "kl_bits": kl_bits,
         "kl_bpp": kl_bits / (height * width),
         "levels": levels,
+        "tiles": len(grid),
         "beta": beta,
         "seconds": time.perf_counter() - t0,
     }
     return data, x_hat, stats
+
+
+def _tiling_fields(model: LatentVariableModel, grid: tiling.TileGrid) -> dict:
+    return dict(tile=grid.tile, prior_context=model.prior_context, synthesis_context=model.synthesis_context)
+
+
+def _add_stats(total: dict | None, stats: dict) -> dict:
+    """One level's coder stats summed over its tiles (counts, bits, seconds; the rest as coded)."""
+    if total is None:
+        return dict(stats)
+    summed = {k: total[k] + v for k, v in stats.items() if k not in ("level", "shard_decay") and _is_number(v)}
+    return {**total, **summed}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 Resolver = Callable[[RecHeader], LatentVariableModel]
@@ -210,21 +242,37 @@ def decompress(
     if header.height * header.width > max_pixels:
         raise RecFormatError("height", f"{header.width}x{header.height} is above the limit of {max_pixels} pixels")
     model = resolve(header).to(device).eval()
-    if len(sections) != model.num_levels:
+    n_tiles = header.n_tiles
+    if len(sections) != model.num_levels * n_tiles:
         raise RecFormatError("n_sections", f"{len(sections)} sections, but the model has {model.num_levels} levels")
     params = params_from_header(header, model.num_levels)
     beta = _header_beta(header, model)
     height, width = header.height, header.width
+    grid = _header_grid(header, model)
 
-    def decode(level: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
-        i = model.num_levels - level  # sections run from the top level down
+    def decode(level: int, index: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
+        i = (model.num_levels - level) * n_tiles + index  # sections: the top level's tiles first
         try:
-            return decode_level(p_loc, p_scale, sections[i], seed=header.seed, level=level, params=params)
+            return decode_level(
+                p_loc, p_scale, sections[i], seed=tile_seed(header.seed, index), level=level, params=params
+            )
         except RecDecodeError as e:
             raise RecFormatError(f"section {i + 1} (level {level})", str(e)) from None
 
-    z = model.top_down(height, width, decode, beta)
-    return to_uint8(model.synthesize(z, beta)[..., :height, :width]), header
+    z = tiling.top_down(model, grid, decode, beta, header.prior_context)
+    return tiling.synthesize(model, grid, z, beta, header.synthesis_context, height, width), header
+
+
+def _header_grid(header: RecHeader, model: LatentVariableModel) -> tiling.TileGrid:
+    """The file's tile grid; RecFormatError for tiling fields this model cannot use."""
+    ph, pw = model.pad_size(header.height, header.width)
+    if header.tile is None:
+        return tiling.TileGrid(ph, pw)
+    f = model.downsampling_factor
+    for name in ("tile", "prior_context", "synthesis_context"):
+        if getattr(header, name) % f:
+            raise RecFormatError(name, f"{getattr(header, name)} is not a multiple of the model's {f} pixels")
+    return tiling.TileGrid(ph, pw, header.tile)
 
 
 def _header_beta(header: RecHeader, model: LatentVariableModel) -> float | None:

@@ -9,9 +9,13 @@ Layout (big-endian; the full spec with examples is docs/rec-format.md):
     | u8 n_sections | n_sections x (u8 level | u32 len | bytes)     # top level first
     | u32 CRC32 of everything before
 
+    version 3 (tiled): ... coder_params | u16 beta_code (0: none) | u16 tile | u16 prior_context
+    | u16 synthesis_context | u16 n_sections | sections: level L of every tile, then level L-1, ...
+
 Version 2 adds the β a variable-rate model coded the image at (`beta_code`, 1/256-octave steps; see
-beta_to_code). A file is written in the oldest version that holds it: version 1 for fixed-β models, so
-builds that predate version 2 still read those files.
+beta_to_code); version 3 the tiling of an image larger than a tile (codec/tiling.py). A file is written
+in the oldest version that holds it: version 1 for fixed-β models, so builds that predate version 2 still
+read those files, and version 3 only for tiled images.
 
 Reading checks the magic and the format version first (a future version may change the
 layout), then the CRC, then every field against the limits below. Any failure raises
@@ -30,14 +34,17 @@ from pathlib import Path
 from codec.rng import RNG_VERSION
 
 MAGIC = b"\x89REC"
-FORMAT_VERSION = 2  # the newest layout this build writes and reads
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest layout this build writes and reads
+READABLE_VERSIONS = (1, 2, 3)
 SUPPORTED_RNG_VERSIONS = (RNG_VERSION,)
 
 MAX_SIDE = 1 << 16  # pixels per side: no image a codec can hold in memory is larger
 MAX_NAME = 64  # model name / coder id characters
 MAX_PARAMS = 4096  # bytes of coder parameters (parsed and checked by codec.header_params)
-MAX_SECTIONS = 8  # latent levels
+MAX_LEVELS = 8  # latent levels: sections of an untiled file
+MAX_TILED_SECTIONS = 0xFFFF  # levels x tiles
+MIN_TILE = 64  # pixels a side (a model may need a multiple of its downsampling factor)
+MAX_CONTEXT = 1024  # pixels of tile halo
 MAX_FILE_BYTES = 1 << 30
 BETA_STEPS_PER_OCTAVE = 256  # beta_code = 32768 + 256·log2(β): β from 2^-128 to 2^128 in 0.27 % steps
 NAME_RE = re.compile(rf"[A-Za-z0-9._+-]{{1,{MAX_NAME}}}")
@@ -83,10 +90,22 @@ class RecHeader:
     coder_params: bytes = b""  # what the decoder depends on (codec.header_params.params_to_bytes)
     rng_version: int = RNG_VERSION
     beta_code: int | None = None  # the β of a variable-rate model (format version 2), else None
+    tile: int | None = None  # tiled files (format version 3): tile size, padded pixels a side
+    prior_context: int = 0  # tiled files: halos of the prior and the synthesis, pixels (codec/tiling.py)
+    synthesis_context: int = 0
 
     @property
     def format_version(self) -> int:
+        if self.tile is not None:
+            return 3
         return 1 if self.beta_code is None else 2
+
+    @property
+    def n_tiles(self) -> int:
+        """Tiles in the file: ceil(H / tile) x ceil(W / tile) (the padding never adds a tile), else 1."""
+        if self.tile is None:
+            return 1
+        return -(-self.height // self.tile) * -(-self.width // self.tile)
 
     @property
     def beta(self) -> float | None:
@@ -114,6 +133,20 @@ class RecHeader:
             raise RecFormatError("coder_params", f"must be at most {MAX_PARAMS} bytes")
         if self.beta_code is not None and not 1 <= self.beta_code <= 0xFFFF:
             raise RecFormatError("beta_code", f"{self.beta_code} is outside [1, 65535]")
+        self.validate_tiling()
+
+    def validate_tiling(self) -> None:
+        """The fields the layout of the sections depends on (checked while parsing)."""
+        if self.tile is not None:
+            if not MIN_TILE <= self.tile <= 0xFFFF:
+                raise RecFormatError("tile", f"{self.tile} is outside [{MIN_TILE}, 65535]")
+            if self.n_tiles < 2:
+                raise RecFormatError(
+                    "tile", f"a {self.width}x{self.height} image is not two or more tiles of {self.tile}"
+                )
+        for name in ("prior_context", "synthesis_context"):
+            if not 0 <= getattr(self, name) <= MAX_CONTEXT:
+                raise RecFormatError(name, f"{getattr(self, name)} is outside [0, {MAX_CONTEXT}]")
 
     def to_dict(self) -> dict:
         """Plain-JSON view for `rec-codec info`."""
@@ -128,14 +161,37 @@ class RecHeader:
             "coder": self.coder,
             "coder_params": self.coder_params.hex(),
             "beta": self.beta,
+            "tile": self.tile,
+            "tiles": self.n_tiles,
         }
 
 
+def _check_sections(header: RecHeader, n_sections: int) -> int:
+    """The number of levels that n_sections sections make for this header's tiles."""
+    limit = MAX_TILED_SECTIONS if header.tile is not None else MAX_LEVELS
+    levels, rest = divmod(n_sections, header.n_tiles)
+    if not 1 <= n_sections <= limit or rest or levels > MAX_LEVELS:
+        tiles = f" for {header.n_tiles} tiles" if header.tile is not None else ""
+        raise RecFormatError("n_sections", f"{n_sections} is not 1 to {MAX_LEVELS} levels{tiles}")
+    return levels
+
+
 def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
-    """Serialise a header and its per-level sections (top level first) into .rec bytes."""
+    """Serialise a header and its sections (top level first; in a tiled file each level's tiles in
+    raster order) into .rec bytes."""
     header.validate()
-    if not 1 <= len(sections) <= MAX_SECTIONS:
-        raise RecFormatError("n_sections", f"{len(sections)} is outside [1, {MAX_SECTIONS}]")
+    levels = _check_sections(header, len(sections))
+    data = write_fields(header, sections, [levels - i // header.n_tiles for i in range(len(sections))])
+    if len(data) > MAX_FILE_BYTES:
+        raise RecFormatError("file", f"{len(data)} bytes is above the limit of {MAX_FILE_BYTES}")
+    return data
+
+
+def write_fields(header: RecHeader, sections: list[bytes], levels: list[int], count: int | None = None) -> bytes:
+    """The layout with whatever values it is given, unchecked (pack_rec checks them first; a fuzzer
+    forges with it): `levels` are the sections' level bytes, `count` the n_sections field (default
+    their number). The CRC is computed."""
+    count = len(sections) if count is None else count
     out = bytearray(
         _FIXED.pack(
             MAGIC,
@@ -150,14 +206,16 @@ def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
     for text in (header.model_name, header.coder):
         out += struct.pack(">B", len(text)) + text.encode("ascii")
     out += struct.pack(">H", len(header.coder_params)) + header.coder_params
-    if header.beta_code is not None:
-        out += struct.pack(">H", header.beta_code)
-    out += struct.pack(">B", len(sections))
-    for i, data in enumerate(sections):
-        out += struct.pack(">BI", len(sections) - i, len(data)) + data
+    if header.tile is not None:
+        tiling = (header.tile, header.prior_context, header.synthesis_context)
+        out += struct.pack(">HHHHH", header.beta_code or 0, *tiling, count)
+    else:
+        if header.beta_code is not None:
+            out += struct.pack(">H", header.beta_code)
+        out += struct.pack(">B", count)
+    for level, data in zip(levels, sections):
+        out += struct.pack(">BI", level, len(data)) + data
     out += struct.pack(">I", zlib.crc32(out))
-    if len(out) > MAX_FILE_BYTES:
-        raise RecFormatError("file", f"{len(out)} bytes is above the limit of {MAX_FILE_BYTES}")
     return bytes(out)
 
 
@@ -191,19 +249,26 @@ def _parse(data: bytes) -> tuple[RecHeader, list[bytes]]:
             raise RecFormatError(field, "not ASCII") from None
     (n,) = r.unpack(">H", "coder_params")
     params = r.take(n, "coder_params")
-    beta_code = r.unpack(">H", "beta_code")[0] if version >= 2 else None
-    (n_sections,) = r.unpack(">B", "n_sections")
-    if not 1 <= n_sections <= MAX_SECTIONS:
-        raise RecFormatError("n_sections", f"{n_sections} is outside [1, {MAX_SECTIONS}]")
+    tiling = {}
+    if version == 3:
+        beta_code, tile, prior_context, synthesis_context = r.unpack(">HHHH", "tiling")
+        beta_code = beta_code or None
+        tiling = dict(tile=tile, prior_context=prior_context, synthesis_context=synthesis_context)
+        (n_sections,) = r.unpack(">H", "n_sections")
+    else:
+        beta_code = r.unpack(">H", "beta_code")[0] if version == 2 else None
+        (n_sections,) = r.unpack(">B", "n_sections")
+    header = RecHeader(texts[0], model_hash, height, width, seed, texts[1], params, rng_version, beta_code, **tiling)
+    header.validate_tiling()
+    levels = _check_sections(header, n_sections)
     sections = []
     for i in range(n_sections):
         level, length = r.unpack(">BI", f"section {i + 1} header")
-        if level != n_sections - i:
-            raise RecFormatError(f"section {i + 1}", f"level {level}, expected {n_sections - i}")
+        if level != levels - i // header.n_tiles:
+            raise RecFormatError(f"section {i + 1}", f"level {level}, expected {levels - i // header.n_tiles}")
         sections.append(r.take(length, f"section {i + 1} (level {level})"))
     if r.pos != r.end:
         raise RecFormatError("file", f"{r.end - r.pos} unexpected bytes before the CRC")
-    header = RecHeader(texts[0], model_hash, height, width, seed, texts[1], params, rng_version, beta_code)
     return header, sections
 
 

@@ -52,6 +52,13 @@ def _positive(text: str) -> int:
     return n
 
 
+def _non_negative(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return n
+
+
 def _positive_float(text: str) -> float:
     x = float(text)
     if not (math.isfinite(x) and x > 0):
@@ -77,7 +84,14 @@ def build_parser(prog: str = "rec-codec") -> argparse.ArgumentParser:
     enc.add_argument("--model", metavar="NAME|PATH", help="model file, name or hash (default: named by DEFAULT)")
     enc.add_argument("--coder", default="thesis", choices=PRESETS, help="coder preset (default: thesis)")
     enc.add_argument("--seed", type=_seed, default=0, help="seed of the shared randomness (default: 0)")
-    enc.add_argument("--max-pixels", type=_positive, default=None, help="refuse larger images (default 12e6)")
+    enc.add_argument("--max-pixels", type=_positive, default=None, help="refuse larger images (default 120e6)")
+    enc.add_argument(
+        "--tile",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="code images above N×N pixels in N-pixel tiles, bounding memory (default 1024; 0: whole)",
+    )
     rate = enc.add_mutually_exclusive_group()
     rate.add_argument(
         "--quality",
@@ -120,7 +134,7 @@ def build_parser(prog: str = "rec-codec") -> argparse.ArgumentParser:
 
 
 def cmd_encode(args) -> int:
-    from codec import api
+    from codec import api, tiling
     from codec.bitstream import write_atomic
     from codec.image import load_image
     from codec.rate import BPP_TOLERANCE, compress_to_bpp
@@ -135,6 +149,12 @@ def cmd_encode(args) -> int:
         return 1
     max_pixels = args.max_pixels or api.MAX_PIXELS
     beta = _rate_setting(args, model, ref.name)
+    tile = tiling.DEFAULT_TILE if args.tile is None else args.tile
+    if tile:
+        try:
+            tiling.check_tile(model, tile)
+        except ValueError as e:
+            raise UsageError(f"--tile {tile}: {e}") from None
 
     def work(src: Path, dst: Path) -> dict:
         x, notes = load_image(src, max_pixels=max_pixels)
@@ -151,13 +171,14 @@ def cmd_encode(args) -> int:
                 device=args.device,
                 max_pixels=max_pixels,
                 beta=b,
+                tile=tile,
             )
 
         if args.bpp is None:
             data, x_hat, stats = compress(beta)
         else:
-            image = api.image_tensor(x).to(args.device)
-            data, x_hat, stats = compress_to_bpp(compress, model.to(args.device), image, args.bpp)
+            image = api.image_pixels(x).to(args.device)
+            data, x_hat, stats = compress_to_bpp(compress, model.to(args.device), image, args.bpp, tile=tile)
             miss = stats["bpp"] / args.bpp - 1
             if abs(miss) > BPP_TOLERANCE:
                 say(
@@ -253,13 +274,18 @@ def cmd_info(args) -> int:
             say(f"error: {arg}: {describe_error(e)}", err=True)
             continue
         size = os.path.getsize(arg)
+        tiles = header.n_tiles
+        levels = len(sections) // tiles
         d = {
             "file": arg,
             "bytes": size,
             "bpp": 8 * size / (header.height * header.width),
             **header.to_dict(),
-            "coder_params": describe_params(header, len(sections)),
-            "sections": [{"level": len(sections) - i, "bytes": len(s)} for i, s in enumerate(sections)],
+            "coder_params": describe_params(header, levels),
+            "sections": [
+                {"level": levels - i // tiles, **({"tile": i % tiles} if tiles > 1 else {}), "bytes": len(s)}
+                for i, s in enumerate(sections)
+            ],
         }
         print(json.dumps(d) if args.json else json.dumps(d, indent=2))
     return 1 if failed else 0

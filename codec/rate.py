@@ -14,7 +14,9 @@ import math
 
 import torch
 
+from codec import tiling
 from codec.bitstream import beta_from_code, beta_to_code
+from models.distributions import gaussian_kl
 
 QUALITY_LEVELS = 8
 DEFAULT_QUALITY = 4
@@ -32,10 +34,19 @@ def quality_beta(quality: int, beta_range: tuple[float, float]) -> float:
 
 
 @torch.inference_mode()
-def kl_bits(model, x: torch.Tensor, beta: float) -> float:
-    """Total KL in bits of an image (1, 3, H, W) in [0, 1] at β, each level given the mean of the one above."""
-    _, kl = model.infer(x, sample=False, beta=beta)
-    return sum(float(k.double().sum()) for k in kl.values()) / math.log(2)
+def kl_bits(model, x: torch.Tensor, beta: float, tile: int = tiling.DEFAULT_TILE) -> float:
+    """Total KL in bits of an image (1, 3, H, W) (uint8, or float in [0, 1]) at β, each level given the
+    mean of the one above; an image larger than a tile is walked in tiles, as the encoder does."""
+    total = 0.0
+
+    def mean(level: int, index: int, q: tuple, p: tuple) -> torch.Tensor:
+        nonlocal total
+        total += float(gaussian_kl(*q, *p).double().sum())
+        return q[0]
+
+    grid = tiling.TileGrid.for_image(model, *x.shape[-2:], tile)
+    tiling.encode_walk(model, x, grid, mean, beta, model.prior_context if len(grid) > 1 else 0)
+    return total / math.log(2)
 
 
 class BetaSearch:
@@ -45,14 +56,14 @@ class BetaSearch:
     brackets the target in a handful of network passes where bisection over the ~1,800 codes of a
     7-octave range takes 11. KL values are cached: a recalibrated search reuses them."""
 
-    def __init__(self, model, x: torch.Tensor):
-        self.model, self.x = model, x
+    def __init__(self, model, x: torch.Tensor, tile: int = tiling.DEFAULT_TILE):
+        self.model, self.x, self.tile = model, x, tile
         self.lo, self.hi = (beta_to_code(b) for b in model.beta_range)
         self.kl: dict[int, float] = {}
 
     def kl_at(self, code: int) -> float:
         if code not in self.kl:
-            self.kl[code] = kl_bits(self.model, self.x, beta_from_code(code))
+            self.kl[code] = kl_bits(self.model, self.x, beta_from_code(code), self.tile)
         return self.kl[code]
 
     def __call__(
@@ -91,18 +102,25 @@ class BetaSearch:
 
 
 def compress_to_bpp(
-    compress, model, x: torch.Tensor, target_bpp: float, attempts: int = 3, tolerance: float = BPP_TOLERANCE
+    compress,
+    model,
+    x: torch.Tensor,
+    target_bpp: float,
+    attempts: int = 3,
+    tolerance: float = BPP_TOLERANCE,
+    tile: int = tiling.DEFAULT_TILE,
 ) -> tuple[bytes, object, dict]:
     """Code `x` at the β whose file lands nearest `target_bpp`.
 
-    `compress(beta)` codes the image and returns (data, x_hat, stats) as codec.api.compress_image does.
+    `compress(beta)` codes the image and returns (data, x_hat, stats) as codec.api.compress_image does;
+    `tile` is the tile size it codes with (the KL is predicted over the same tiles).
     Returns the closest of the attempts, its stats with "target_bpp" and "attempts" added; whether it is
     within `tolerance` is for the caller to say.
     """
     if not (math.isfinite(target_bpp) and target_bpp > 0):
         raise ValueError(f"target bpp must be a positive number, got {target_bpp}")
     target_bits = target_bpp * x.shape[-2] * x.shape[-1]
-    search = BetaSearch(model, x)
+    search = BetaSearch(model, x, tile)
     overhead, header_bits, tried, best = CODER_OVERHEAD, HEADER_BITS, set(), None
     for _ in range(attempts):
         beta, predicted_kl = search(target_bits, overhead, header_bits)

@@ -70,6 +70,13 @@ def seed_key(seed: int) -> int:
     return mix64_int(seed)
 
 
+def tile_seed(seed: int, tile: int) -> int:
+    """The seed of tile `tile`'s sections in a tiled file (tile 0 keeps the file seed): distinct for
+    every tile of a file, since GAMMA is odd, so every tile draws from its own streams."""
+    seed_key(seed)
+    return (seed + tile * GAMMA) & _MASK64
+
+
 def counter_base(domain: int, level: int) -> int:
     """High bits of the counter; the payload below them is filled by the caller."""
     if not 0 <= level <= MAX_LEVEL:

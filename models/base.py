@@ -35,6 +35,13 @@ def bounded_scale(raw: Tensor, cfg: ModelConfig) -> Tensor:
 class LatentVariableModel(nn.Module):
     num_levels: int = 1
     downsampling_factor: int = 16
+    # Halos (padded pixels, multiples of downsampling_factor) that cover each network's receptive
+    # radius, so a network run on a tile grown by its halo gives the whole image's output inside the
+    # tile (codec/tiling.py): the encoder's analysis, the top-down prior from the level above, and the
+    # synthesis. tests/test_tiling.py checks them against the networks.
+    analysis_context: int = 32
+    prior_context: int = 0
+    synthesis_context: int = 32
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,6 +95,10 @@ class LatentVariableModel(nn.Module):
     def latent_shape(self, level: int, height: int, width: int) -> tuple[int, int, int]:
         """(channels, h, w) of level `level` for an image of (unpadded) size height × width."""
         raise NotImplementedError
+
+    def latent_stride(self, level: int) -> int:
+        """Pixels per latent of level `level`: each level halves the resolution of the one below."""
+        return self.downsampling_factor >> (self.num_levels - level)
 
     # ---- the level interface (see module docstring) ----------------------------------------------
     def bottom_up(self, x: Tensor, beta: float | Tensor | None = None) -> dict[str, Tensor]:

@@ -29,6 +29,11 @@ from .layers import ConvDS, DeconvUS, analysis_body, synthesis
 class LadderVAE(LatentVariableModel):
     num_levels = 2
     downsampling_factor = 32
+    # reach of each network across a tile edge (tests/test_tiling.py): loc2/scale2 under 128 px of
+    # pixels; the level-1 prior 96 px of z2 (a ×2 deconv and two 5×5 convs at /16); x̂ 32 px of z1
+    analysis_context = 128
+    prior_context = 128
+    synthesis_context = 32
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

@@ -20,6 +20,8 @@ from .layers import ConvDS, analysis_body, synthesis
 class GaussianVAE(LatentVariableModel):
     num_levels = 1
     downsampling_factor = 16
+    analysis_context = 32  # reach across a tile edge: loc/scale 30 px of pixels, x̂ 32 px of z
+    synthesis_context = 32
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

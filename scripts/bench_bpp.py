@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     images = find_images(Path(args.data))[: args.limit]
     for path in tqdm(images, file=sys.stderr, unit="img"):
         img = load_rgb(path)
-        x = api.image_tensor(img)
+        x = api.image_pixels(img)
         for target in args.target:
             t0 = time.perf_counter()
             data, _, stats = compress_to_bpp(

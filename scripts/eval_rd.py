@@ -173,7 +173,7 @@ def load_images(data: Path, limit: int | None) -> tuple[dict[str, np.ndarray], i
             raise UsageError(f"cannot read image {p}: {e}") from None
     big = [n for n, im in images.items() if im.shape[0] * im.shape[1] > api.MAX_PIXELS]
     if big:
-        raise UsageError(f"{big[0]}: more than {api.MAX_PIXELS} pixels (images are coded whole)")
+        raise UsageError(f"{big[0]}: more than {api.MAX_PIXELS} pixels")
     return images, len(paths)
 
 

@@ -6,7 +6,8 @@
 The corpus: real .rec files from tiny random models whose posterior heads are set sharp enough that
 the levels carry outliers, rANS side information and index bits: a PLN and a VAE (fixed β) and a
 variable-rate PLN (β codes), each coded with every preset and a custom parameter set (carried as
-b"P" fields), at a few sizes.
+b"P" fields), at a few sizes, and each model's `fast` files of an image larger than a tile (TILED: tiles
+of 64 pixels, format version 3).
 
 Mutation kinds; case i has kind kinds[i % len(kinds)] and its own generator seeded by (seed, i):
   raw      byte and bit flips, truncations, appended and deleted bytes anywhere in the file; the file
@@ -19,7 +20,9 @@ Mutation kinds; case i has kind kinds[i % len(kinds)] and its own generator seed
   header   crafted headers on valid sections: extreme heights and widths (up to 2^32 - 1, forged
            100 Mpx and 65535x65535 sizes), every registered parameter id and unknown ones, malformed
            b"P" and b"J" parameter fields, β codes at and past the model's range and the format's
-           ends, another model's hash or name, other seeds, RNG and format versions.
+           ends, another model's hash or name, other seeds, RNG and format versions; any file's header
+           rewritten as a tiled one (format version 3) with extreme or inconsistent tile sizes, halos
+           and section counts.
   splice   sections from other files (other models, presets, sizes, seeds): a VAE section in a PLN
            file, levels of two files combined, sections swapped, duplicated, dropped or added.
 
@@ -39,7 +42,6 @@ coder rejects sections that do not cover the latent before it decodes indices.
 """
 
 import argparse
-import dataclasses
 import json
 import multiprocessing
 import re
@@ -58,7 +60,7 @@ import numpy as np
 import torch
 
 from codec.api import MAX_PIXELS, compress_image, decompress
-from codec.bitstream import MAX_SECTIONS, RecFormatError, RecHeader, beta_to_code, pack_rec, unpack_rec
+from codec.bitstream import RecFormatError, RecHeader, beta_to_code, pack_rec, unpack_rec, write_fields
 from codec.header_params import params_from_header
 from codec.level import _read_varint, _varint
 from codec.params import _FORMAT, REGISTERED_FORMATS, CoderParams
@@ -69,6 +71,7 @@ KINDS = ("raw", "recrc", "section", "header", "splice")
 STRUCTURED_KINDS = KINDS[2:]
 CODERS = ("fast", "thesis", "thesis-importance", "thesis-code", "custom")
 SIZES = ((37, 53), (1, 1), (70, 90), (128, 192))
+TILED = ((150, 200, 64),)  # (height, width, tile): 3 x 4 tiles
 _TINY = dict(channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-6.0)
 MODELS = {
     "pln": dict(arch="pln", **_TINY),
@@ -128,7 +131,11 @@ def _sharpen(model, generator):
 
 
 def make_corpus(
-    folder: Path, coders: tuple[str, ...] = CODERS, sizes: tuple[tuple[int, int], ...] = SIZES, models=tuple(MODELS)
+    folder: Path,
+    coders: tuple[str, ...] = CODERS,
+    sizes: tuple[tuple[int, int], ...] = SIZES,
+    models=tuple(MODELS),
+    tiled: tuple[tuple[int, int, int], ...] = TILED,
 ) -> Corpus:
     """Code random images with tiny models into `folder` (model files, .rec files, corpus.json)."""
     folder = Path(folder)
@@ -141,17 +148,17 @@ def make_corpus(
         path = save_model(_sharpen(build_model(ModelConfig(**MODELS[key])), generator), folder, f"fuzz-{key}")
         model, ref = store.load(path)
         model_files[key] = path.name
-        for coder in coders:
-            for h, w in sizes:
-                image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                params = custom_params() if coder == "custom" else coder
-                beta = pick(rng, VBR_BETAS) if model.variable_rate else None
-                data = compress_image(
-                    model, image, model_ref=ref, seed=int(rng.integers(1 << 62)), params=params, beta=beta
-                )[0]
-                name = f"{key}-{coder}-{h}x{w}"
-                (folder / f"{name}.rec").write_bytes(data)
-                index.append({"name": name, "model": key, "coder": coder})
+        jobs = [(coder, h, w, 0) for coder in coders for h, w in sizes] + [("fast", *t) for t in tiled]
+        for coder, h, w, tile in jobs:
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            params = custom_params() if coder == "custom" else coder
+            beta = pick(rng, VBR_BETAS) if model.variable_rate else None
+            data = compress_image(
+                model, image, model_ref=ref, seed=int(rng.integers(1 << 62)), params=params, beta=beta, tile=tile
+            )[0]
+            name = f"{key}-{coder}-{h}x{w}" + (f"-tile{tile}" if tile else "")
+            (folder / f"{name}.rec").write_bytes(data)
+            index.append({"name": name, "model": key, "coder": coder})
     (folder / "corpus.json").write_text(json.dumps({"models": model_files, "files": index}, indent=1))
     return load_corpus(folder)
 
@@ -302,16 +309,19 @@ def mutate_section(sections: list[bytes], rng: np.random.Generator) -> tuple[lis
 # ---- crafted headers --------------------------------------------------------------------------------
 
 
-class UncheckedHeader(RecHeader):
-    """A header pack_rec writes with any field values (struct ranges still hold); it validates others."""
+def file_levels(header: RecHeader, n_sections: int) -> list[int]:
+    """The level byte of each section in a valid file of this header (top level first, each level's tiles
+    together); any header gives some list."""
+    tiles = max(1, header.n_tiles) if header.tile and header.height > 0 and header.width > 0 else 1
+    return [(max(1, n_sections // tiles) - i // tiles) & 0xFF for i in range(n_sections)]
 
-    def validate(self) -> None:
-        pass
 
-
-def pack_unchecked(header: RecHeader, sections: list[bytes]) -> bytes:
-    fields = {f.name: getattr(header, f.name) for f in dataclasses.fields(RecHeader)}
-    return pack_rec(UncheckedHeader(**fields), sections)
+def pack_unchecked(
+    header: RecHeader, sections: list[bytes], levels: list[int] | None = None, count: int | None = None
+) -> bytes:
+    """pack_rec's layout without its checks: any field values (struct ranges still hold), `levels` as the
+    sections' level bytes (default file_levels) and `count` as n_sections (default their number)."""
+    return write_fields(header, sections, file_levels(header, len(sections)) if levels is None else levels, count)
 
 
 def pick(rng: np.random.Generator, options):
@@ -407,11 +417,39 @@ def _params_field(src_header, num_levels: int, rng: np.random.Generator) -> tupl
     return other, f"params {other.hex() or '(empty)'}"
 
 
+TILES = (0, 1, 16, 32, 48, 63, 64, 65, 96, 128, 1024, 65535)
+CONTEXTS = (0, 16, 32, 48, 64, 128, 1024, 1025, 65535)
+
+
+def craft_tiling(header: RecHeader, sections: list[bytes], rng: np.random.Generator) -> tuple[bytes, str]:
+    """The file as format version 3 with its tiling fields and section count crafted (each section keeps
+    its level byte)."""
+    tile = header.tile or pick(rng, (64, 128))
+    prior, synthesis = header.prior_context or 128, header.synthesis_context or 32
+    k = int(rng.integers(4))
+    if k in (0, 3):
+        tile = pick(rng, TILES)
+    if k in (1, 3):
+        prior = pick(rng, CONTEXTS)
+    if k in (2, 3):
+        synthesis = pick(rng, CONTEXTS)
+    n = len(sections)
+    count = n if rng.random() < 0.7 else pick(rng, (0, 1, n - 1, n + 1, 65535))
+    crafted = replace(header, tile=tile, prior_context=prior, synthesis_context=synthesis)
+    data = pack_unchecked(crafted, sections, file_levels(header, n), count)
+    return data, f"tiling: tile {tile}, contexts {prior}/{synthesis}, n_sections {count} of {n}"
+
+
 def craft_header(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[bytes, str]:
     """The file `index`'s sections under a header with one field crafted."""
     header, sections = corpus.parsed[index]
     src = corpus.files[index]
-    what = pick(rng, ("size", "size", "forged size", "params", "params", "params", "beta", "model", "name", "misc"))
+    fields = ("size", "size", "forged size", "params", "params", "params", "beta", "model", "name", "misc", "tiling")
+    what = pick(rng, fields)
+    levels = file_levels(header, len(sections))  # as the source file has them, whatever is crafted below
+    if what == "tiling":
+        data, note = craft_tiling(header, sections, rng)
+        return data, f"header {note}"
     if what == "size":
         sides = [header.height, header.width]
         k = int(rng.integers(2))
@@ -452,10 +490,10 @@ def craft_header(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[
             header, note = replace(header, rng_version=version), f"rng_version {version}"
         else:
             version = pick(rng, (0, 1, 2, 3, 255))
-            data = bytearray(pack_unchecked(header, sections))
+            data = bytearray(pack_unchecked(header, sections, levels))
             data[4] = version
             return fix_crc(bytes(data)), f"header format_version byte {version}"
-    return pack_unchecked(header, sections), f"header {note}"
+    return pack_unchecked(header, sections, levels), f"header {note}"
 
 
 # ---- splicing ---------------------------------------------------------------------------------------
@@ -487,9 +525,10 @@ def splice(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[bytes,
         i, j = int(rng.integers(len(sections) + 1)), int(rng.integers(len(foreign)))
         out = sections[:i] + [foreign[j]] + sections[i:]
         what = f"section {j + 1} of {name} inserted at {i + 1}"
-    if not 1 <= len(out) <= MAX_SECTIONS:
-        out, what = list(sections), "no change (section count out of range)"
-    return pack_rec(header, out), f"splice: {what}"
+    try:
+        return pack_rec(header, out), f"splice: {what}"
+    except RecFormatError:  # a section count no header of this kind can hold
+        return pack_rec(header, sections), "splice: no change (section count out of range)"
 
 
 # ---- running cases ----------------------------------------------------------------------------------

@@ -150,6 +150,19 @@ def test_info_prints_the_header_as_json(tmp_path, capsys, weights):
     assert [s["level"] for s in d["sections"]] == [2, 1] and d["bytes"] == (tmp_path / "a.rec").stat().st_size
 
 
+def test_tiled_encode_decodes_to_the_encoders_pixels_and_info_lists_the_tiles(tmp_path, capsys):
+    x = rgb(100, 150)
+    src = write_png(tmp_path / "a.png", x)
+    code, out, err = encode(capsys, src, "--tile", 64, "--json")
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", tmp_path / "a.rec")
+    d = json.loads(out)
+    assert (d["format_version"], d["tile"], d["tiles"]) == (3, 64, 2 * 3)
+    assert [(s["level"], s["tile"]) for s in d["sections"]] == [(lv, t) for lv in (2, 1) for t in range(6)]
+    assert run(capsys, "decode", tmp_path / "a.rec")[0] == 0
+    assert np.asarray(Image.open(tmp_path / "a.rec.png")).shape == x.shape
+
+
 @pytest.mark.parametrize(
     "mode,note",
     [
@@ -252,6 +265,15 @@ def test_huge_image_is_refused_with_the_limit(tmp_path, capsys):
     assert (code, error_lines(err)) == (1, [f"error: {src}: image is 30x20 = 600 pixels, above the limit of 500"])
 
 
+def test_tile_the_model_cannot_use_is_a_usage_error(tmp_path, capsys):
+    src = write_png(tmp_path / "a.png", rgb(20, 30))
+    code, _, err = encode(capsys, src, "--tile", 100)
+    assert code == 2 and err.strip() == (
+        "compress.py: error: --tile 100: the tile size must be a multiple of 32 and at least 64 for this model, got 100"
+    )
+    assert not (tmp_path / "a.rec").exists()
+
+
 @pytest.fixture
 def rec_file(tmp_path, capsys):
     src = write_png(tmp_path / "a.png", rgb(37, 53))
@@ -295,7 +317,7 @@ def test_rec_of_another_format_version(capsys, rec_file):
         capsys,
         rec_file,
         f"not a valid .rec file: format_version: .rec format version "
-        f"{FORMAT_VERSION + 1} is not supported (this build reads versions 1, 2)",
+        f"{FORMAT_VERSION + 1} is not supported (this build reads versions 1, 2, 3)",
     )
 
 
@@ -352,6 +374,7 @@ def test_encode_with_model_name_and_path(capsys, tmp_path, weights):
         (["encode", "a.png", "--coder", "nope"], "argument --coder: invalid choice: 'nope'"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
         (["decode", "a.rec", "--threads", "0"], "argument --threads: 0 is not positive"),
+        (["encode", "a.png", "--tile", "-1"], "argument --tile: -1 is negative"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, message):
