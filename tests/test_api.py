@@ -24,7 +24,6 @@ SMALL = CoderParams(
     level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0), level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0)
 )
 SIZES = [(1, 1), (37, 53), (17, 300)]
-UNREGISTERED_PRESETS = {"irec"}  # presets without a one-byte id in REGISTERED_FORMATS
 EXPECTED = Path(__file__).resolve().parent / "expected"
 
 
@@ -96,9 +95,6 @@ def test_shipped_presets_are_registered_parameter_sets_that_never_change():
         for levels in (1, 2):
             fields = CoderParams.preset(name).levels_format_bytes(levels)
             sent = header_params.params_to_bytes(CoderParams.preset(name), levels)
-            if name in UNREGISTERED_PRESETS:  # its files carry the level fields themselves
-                assert registered_id(fields) is None and sent == b"P" + fields
-                continue
             assert sent == b"R" + bytes([registered_id(fields)])
             assert REGISTERED_FORMATS[registered_id(fields)] == fields
 
