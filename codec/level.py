@@ -18,9 +18,13 @@ k, and the raw bits end with the blocks' bin tuples (sp-*: L_b bits each, spread
 block's dims, pfr.spread_bin_bits) and k's mantissas. The exact ones (pfr, sp-pfr) sample
 pfr.bounded_target's variances, which keep every dim's density ratio bounded.
 
+The rejection sampler (codec/rejection.py) codes one-dim groups: one more rANS field holds
+floor(log2 K) + 1 of each dim's accepted round K, 0 where none was accepted within the budget, and
+the raw bits end with K's mantissas and then the fallback dims' 16-bit quantised posterior draws.
+
     u8 version (2) | u8 sampler | u16 params check | varint n_segments | varint n_zero_runs
     | varint n_outliers | varint len(rans) | rANS side info (segment kinds/lengths, group
-    sizes, zero-run lengths, outlier gaps[, block index buckets]) | raw bits (tables or raw
+    sizes, zero-run lengths, outlier gaps[, block or rejection index buckets]) | raw bits (tables or raw
     small fields, mantissas, outlier values, indices) | u32 CRC32 of everything before
 """
 
@@ -32,7 +36,7 @@ import zlib
 import numpy as np
 import torch
 
-from codec import greedy, importance, pfr, rng
+from codec import greedy, importance, pfr, rejection, rng
 from codec.entropy import (
     BitReader,
     BitWriter,
@@ -50,6 +54,12 @@ OUTLIER_BITS_Q = 16
 _SAMPLER_IDS = {name: i + 1 for i, name in enumerate(SAMPLERS)}  # greedy 1, importance 2, then pfr.METHODS
 _LONG = rng.GROUP_BITS + 1  # bit lengths of run lengths and gaps (a level has < 2^28 dims)
 _DIRECT_ALPHABET = 64  # group sizes up to this are rANS symbols; larger ones are bucketed
+
+
+def _quantised_draw(m, v, dims: torch.Tensor, range_: float, *, seed: int, level: int) -> torch.Tensor:
+    """A private posterior draw for each of `dims`, quantised to OUTLIER_BITS_Q bits on [-R, R]."""
+    draw = m + v.sqrt() * rng.outlier_normals(seed, level, dims).double()
+    return torch.round((draw.clamp(-range_, range_) + range_) / (2 * range_) * ((1 << OUTLIER_BITS_Q) - 1)).long()
 
 
 def _dequantise(q: torch.Tensor, rng_: float) -> torch.Tensor:
@@ -138,10 +148,8 @@ def encode_level(
     eps = torch.empty(n, dtype=torch.float32, device=device)
 
     # outliers: a private posterior draw, quantised; the encoder keeps what the decoder sees
-    draw = m[out_pos] + v[out_pos].sqrt() * rng.outlier_normals(seed, level, out_pos).double()
-    r = params.outlier_range
-    q = torch.round((draw.clamp(-r, r) + r) / (2 * r) * ((1 << OUTLIER_BITS_Q) - 1)).long()
-    eps[out_pos] = _dequantise(q, r)
+    q = _quantised_draw(m[out_pos], v[out_pos], out_pos, params.outlier_range, seed=seed, level=level)
+    eps[out_pos] = _dequantise(q, params.outlier_range)
     eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
 
     if lp.sampler == "greedy":
@@ -154,6 +162,8 @@ def encode_level(
         widths = lp.index_bits
     elif lp.sampler in pfr.METHODS:
         x, block_fields, block_stats = _code_blocks(m[cod_pos], v[cod_pos], sizes, lens, lp, params, seed, level)
+    elif lp.sampler == "rejection":
+        x, block_fields, block_stats = _code_rejection(m[cod_pos], v[cod_pos], cod_pos, lp, params, seed, level)
     else:
         if lens is None:
             n_cand = torch.exp(plan.group_kl + lp.oversample_bits * math.log(2)).ceil()
@@ -176,7 +186,7 @@ def encode_level(
             sample=lp.selection == "sample",
         )
         idx_np = idx.cpu().numpy()
-    if lp.sampler in pfr.METHODS:  # keys and mantissas as the indices, floor(log2 k) in the rANS fields
+    if lp.sampler in pfr.METHODS or lp.sampler == "rejection":  # floor(log2 k) in the rANS fields
         buckets, idx_np, widths = block_fields
     eps[cod_pos] = x
 
@@ -190,6 +200,8 @@ def encode_level(
     fields = [(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG), (gap_sym, _LONG)]
     if lp.sampler in pfr.METHODS:
         fields.append((buckets, pfr.INDEX_ALPHABET))
+    elif lp.sampler == "rejection":
+        fields.append((buckets, rejection.index_alphabet(lp.index_bits)))
     rans = encode_fields(fields, bits)
     bits.write(size_mant, size_w)
     bits.write(zl_mant, zl_w)
@@ -226,7 +238,7 @@ def encode_level(
         raw_side_bits=side_bits,
         seconds=time.perf_counter() - t0,
     )
-    if lp.sampler in pfr.METHODS:
+    if lp.sampler in pfr.METHODS or lp.sampler == "rejection":
         stats.update(block_stats)
     return sample, data, stats
 
@@ -270,6 +282,23 @@ def _code_blocks(m, v, sizes: np.ndarray, lens, lp: LevelParams, params: CoderPa
         bin_bits=int(key_widths.sum()),
     )
     return x, (buckets, values, np.concatenate([key_widths, widths])), stats
+
+
+def _code_rejection(m, v, dims, lp: LevelParams, params: CoderParams, seed: int, level: int):
+    """The coded dims by the rejection sampler: (sample, (buckets, raw values, raw widths), stats).
+
+    Dims that accept nothing within 2^index_bits rounds fall back to a 16-bit quantised posterior
+    draw, as outliers do (they are coded dims, never outliers, so their draws are distinct)."""
+    ks, x, rounds = rejection.encode(m, v, dims, seed=seed, level=level, budget_bits=lp.index_bits)
+    fallback = ks == 0
+    q = _quantised_draw(m[fallback], v[fallback], dims[fallback], params.outlier_range, seed=seed, level=level)
+    x[fallback] = _dequantise(q, params.outlier_range)
+    ks_np = ks.cpu().numpy()
+    buckets, mantissas, widths = rejection.index_fields(ks_np)
+    values = np.concatenate([mantissas, q.cpu().numpy()])
+    widths = np.concatenate([widths, np.full(q.numel(), OUTLIER_BITS_Q)])
+    stats = dict(coded_dims=int(ks_np.size), fallbacks=int(fallback.sum()), rounds=rounds)
+    return x, (buckets, values, widths), stats
 
 
 def _length_symbols(lens, seg_zero: np.ndarray, lp: LevelParams) -> tuple[np.ndarray, int]:
@@ -329,6 +358,8 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
     fields = [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG), (n_out, _LONG)]
     if lp.sampler in pfr.METHODS:
         fields.append((n_groups, pfr.INDEX_ALPHABET))
+    elif lp.sampler == "rejection":
+        fields.append((n_groups, rejection.index_alphabet(lp.index_bits)))
     len_sym, size_sym, zl_sym, gap_sym, *block_sym = decode_fields(body[pos : pos + n_rans], fields, bits)
     seg_zero = len_sym == 0
     if int(seg_zero.sum()) != n_zero:
@@ -340,6 +371,9 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
     lens = len_sym[~seg_zero] - (0 if lp.sampler == "greedy" else 1)
     if lp.sampler in pfr.METHODS:
         idx = _read_block_indices(bits, block_sym[0], sizes, lens if lp.adaptive else None, level)
+    elif lp.sampler == "rejection":
+        idx = rejection.read_indices(block_sym[0], bits, lp.index_bits, level)
+        fallback_q = torch.from_numpy(bits.read(int((idx == 0).sum()), OUTLIER_BITS_Q).astype(np.int64))
     elif lp.sampler == "greedy":
         steps_np = lens if lp.adaptive else np.full(n_groups, lp.steps, dtype=np.int64)
         flat = bits.read(int(steps_np.sum()), lp.index_bits).astype(np.int64)
@@ -380,6 +414,10 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
         if sizes.size:
             lay = _block_layout(sizes, lens if lp.adaptive else None, lp, device)
             eps[cod_pos] = pfr.regenerate(seed, level, lay, idx_t[0], idx_t[1])
+    elif lp.sampler == "rejection":
+        hit = idx_t > 0
+        eps[cod_pos[hit]] = rejection.decode(idx_t[hit], cod_pos[hit], seed=seed, level=level)
+        eps[cod_pos[~hit]] = _dequantise(fallback_q.to(device), params.outlier_range)
     else:
         eps[cod_pos] = importance.decode(
             idx_t, sizes_t, seed=seed, level=level, bits=lp.index_bits, width=lp.pool_width

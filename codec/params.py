@@ -16,7 +16,7 @@ import torch
 from codec import pfr
 
 # ids 1, 2, ... in the header's level parameters; append only
-SAMPLERS = ("greedy", "importance", *pfr.METHODS)
+SAMPLERS = ("greedy", "importance", *pfr.METHODS, "rejection")
 _FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
 
 
@@ -53,8 +53,9 @@ def _parse_value(key: str, text: str, kind: type):
 
 @dataclass(frozen=True)
 class LevelParams:
-    sampler: str = "greedy"  # "greedy" (thesis Alg. 2), "importance" (Alg. 3 + 5) or a pfr.METHODS block coder
-    index_bits: int = 14  # bits per greedy step, or per importance group (B); block coders below
+    sampler: str = "greedy"  # "greedy" (thesis Alg. 2), "importance" (Alg. 3 + 5), a pfr.METHODS block coder
+    # or "rejection" (Alg. 1)
+    index_bits: int = 14  # bits per greedy step, or per importance group (B); block coders and rejection below
     steps: int = 30  # greedy shards S; always 1 for importance
     max_group_size: int = 4095  # dims per group
     margin_nats: float = 1.0  # group KL budget = steps * index_bits bits - margin
@@ -101,6 +102,8 @@ class LevelParams:
             raise ValueError("beams > 1 needs the greedy sampler with target 'auxiliary'")
         if self.sampler in pfr.METHODS:
             self._check_block_coder()
+        if self.sampler == "rejection" and (self.steps != 1 or self.max_group_size != 1 or self.adaptive):
+            raise ValueError("the rejection sampler codes one-dim groups in one step (adaptive false)")
         if self.budget_bits <= 0:
             raise ValueError("margin_nats leaves no group budget")
 
@@ -207,6 +210,10 @@ PFR_L = LevelParams("pfr", 16, 1, 8, 0.0, 12.0, oversample_bits=10.0, adaptive=F
 ORC_L = LevelParams("orc", 10, 1, 255, 0.0, 8.0, oversample_bits=2.0, adaptive=False, zero_run=1024)
 SP_PFR_L = LevelParams("sp-pfr", 12, 2, 8, 0.0, 24.0, oversample_bits=6.0, zero_run=1024)
 SP_ORC_L = LevelParams("sp-orc", 10, 4, 255, 0.0, 24.0, oversample_bits=2.0, zero_run=1024)
+# The thesis's parallel rejection sampler (codec/rejection.py), the same on both levels: every coded dim
+# its own group, searched for up to 2^index_bits rounds (the fallback past them is a 16-bit value),
+# dims above outlier_bits sent as 16-bit outliers straight away.
+REJECTION_L = LevelParams("rejection", 12, 1, 1, 0.0, 8.0, adaptive=False, zero_run=16)
 
 # CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
 _PRESET_FIELDS = {
@@ -219,6 +226,7 @@ _PRESET_FIELDS = {
     "sp-pfr": dict(level1=SP_PFR_L, level2=SP_PFR_L),
     "sp-orc": dict(level1=SP_ORC_L, level2=SP_ORC_L),
     "irec": dict(level1=IREC_L1, level2=IREC_L2),  # iREC-style beam search over small steps
+    "rejection": dict(level1=REJECTION_L, level2=REJECTION_L),  # thesis Alg. 1, exact where it accepts
 }
 PRESETS = tuple(_PRESET_FIELDS)
 
@@ -293,6 +301,9 @@ REGISTERED_FORMATS = {
         36: "02010600460fff4200000000800008013fef0a3d70a3d70a"  # irec, 2 levels
         "01010600460fff4200000000800008013fef0a3d70a3d70a",
         37: "01010600460fff4200000000800008013fef0a3d70a3d70a",  # irec, 1 level
+        38: "02070c000100014200000000800008003ff0000000000000"  # rejection, 2 levels
+        "01070c000100014200000000800008003ff0000000000000",
+        39: "01070c000100014200000000800008003ff0000000000000",  # rejection, 1 level
     }.items()
 }
 

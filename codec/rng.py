@@ -348,3 +348,16 @@ def pfr_private_uniforms(
 ) -> torch.Tensor:
     """Encoder-private float64 uniforms in (0, 1): arrival gaps (PFR_ARRIVAL) and bin draws (PFR_BIN)."""
     return uniform53(seed, pfr_counters(level, sub, blocks, indices, dims))
+
+
+# --- the rejection sampler's streams (codec/rejection.py) --------------------------------------
+# Counter payload: sub-stream (1 bit) | flat dim (28) | candidate index i - 1 (24).
+REJECTION = 7
+REJECTION_CANDIDATE, REJECTION_UNIFORM = 0, 1  # shared prior candidates; private acceptance uniforms
+REJECTION_INDEX_BITS = 24
+
+
+def rejection_counters(level: int, sub: int, dims: torch.Tensor, rounds: torch.Tensor) -> torch.Tensor:
+    """Counters of the rejection domain (broadcasting): (sub-stream, flat dim, round - 1)."""
+    base = _signed(counter_base(REJECTION, level) | (sub << (GROUP_BITS + REJECTION_INDEX_BITS)))
+    return base | (dims.to(torch.int64) << REJECTION_INDEX_BITS) | (rounds.to(torch.int64) - 1)

@@ -61,6 +61,16 @@ def residuals(z, q):
     return ((z.double() - q[0].double()) / q[1].double()).flatten()
 
 
+def corruptions(data: bytes) -> list[bytes]:
+    """A section truncated, emptied, extended and with single bytes flipped throughout."""
+    bad = [data[:-1], data[: len(data) // 2], b"", data + b"\0"]
+    for i in range(0, len(data), max(1, len(data) // 23)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x41
+        bad.append(bytes(flipped))
+    return bad
+
+
 @pytest.mark.parametrize("name", BLOCK_PRESETS)
 @pytest.mark.parametrize("level", [1, 2])
 def test_block_presets_round_trip_bit_exactly(name, level):
@@ -144,12 +154,7 @@ def test_corrupted_or_truncated_sections_raise_rec_decode_error(name):
     params = CoderParams.preset(name)
     q = channel((1, 3, 6, 8), [0.5, 1.5, 3.0], seed=11)
     _, data, _ = roundtrip(q, 1, params)
-    bad = [data[:-1], data[: len(data) // 2], b"", data + b"\0"]
-    for i in range(0, len(data), max(1, len(data) // 23)):
-        flipped = bytearray(data)
-        flipped[i] ^= 0x41
-        bad.append(bytes(flipped))
-    for b in bad:
+    for b in corruptions(data):
         with pytest.raises(RecDecodeError):
             decode_level(q[2], q[3], b, seed=3, level=1, params=params)
     other = "orc" if name != "orc" else "pfr"
@@ -185,6 +190,12 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("name", BLOCK_PRESETS)
 @pytest.mark.parametrize("arch", ["pln", "vae"])
 def test_rec_files_of_block_presets_decode_to_the_encoders_image(store, name, arch):
+    check_rec_file(store, name, arch)
+
+
+def check_rec_file(store: ModelStore, name: str, arch: str) -> None:
+    """A .rec of preset `name` on a tiny model: registered parameters, the encoder's image decoded,
+    and a flipped byte in the level-1 section reported as that section's error."""
     model, ref = store.load(next(p for p in store.dirs[0].glob(f"{arch}-*.pt")))
     x = np.random.default_rng(1).integers(0, 256, (19, 27, 3), dtype=np.uint8)
     data, x_hat, stats_ = compress_image(model, x, model_ref=ref, seed=2, params=name)
