@@ -19,6 +19,7 @@ is its pixels and its coded latents (about 2 bytes a pixel for the thesis-size P
 """
 
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -63,7 +64,9 @@ def image_pixels(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        with warnings.catch_warnings():  # a read-only array (np.asarray of a PIL image) is only ever read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
     x = image if image.ndim == 4 else image[None]
     if x.shape[0] != 1 or x.shape[1] != 3:
         raise ValueError(f"expected a (1, 3, H, W) tensor, got {tuple(image.shape)}")
