@@ -461,7 +461,7 @@ def craft_header(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[
         h, w = pick(rng, FORGED_SIZES)
         header, note = replace(header, height=h, width=w), f"forged size {h}x{w}"
     elif what == "params":
-        params, note = _params_field(header, len(sections), rng)
+        params, note = _params_field(header, len(sections) // header.n_tiles, rng)
         header = replace(header, coder_params=params)
     elif what == "beta":
         codes = [None, 0, 1, 32768, 65535, int(rng.integers(1, 1 << 16))]

@@ -21,6 +21,7 @@ from codec.header_params import params_from_header
 from scripts.fuzz_rec import (
     STRUCTURED_KINDS,
     SectionParts,
+    craft_header,
     fix_crc,
     fuzz,
     fuzz_supervised,
@@ -28,6 +29,7 @@ from scripts.fuzz_rec import (
     make_corpus,
     mutate,
     pack_unchecked,
+    splice,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -193,6 +195,17 @@ def test_cases_are_deterministic_in_seed_and_index(corpus):
     kinds = ("raw", "recrc") + STRUCTURED_KINDS
     for index in range(10):
         assert make_case(corpus, 7, index, kinds) == make_case(corpus, 7, index, kinds)
+
+
+def test_every_corpus_file_tiled_ones_included_can_be_forged_and_spliced(corpus):
+    import numpy as np
+
+    assert any(header.tile for header, _ in corpus.parsed)
+    for index in range(len(corpus.files)):
+        for case in range(40):  # every crafted field, many times: building a case never fails
+            rng = np.random.default_rng([index, case])
+            assert craft_header(corpus, index, rng)[0][:4] == b"\x89REC"
+            assert splice(corpus, index, rng)[0][:4] == b"\x89REC"
 
 
 @pytest.mark.slow
