@@ -118,6 +118,15 @@ def test_psnr_and_msssim_db_follow_definitions():
     assert msssim_to_db(0.99) == pytest.approx(20.0)
 
 
+def test_psnr_of_an_image_larger_than_its_chunk_is_exact():
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (1500, 1000, 3), dtype=np.uint8) for _ in range(2))  # 4.5e6 samples, 2 chunks
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    assert psnr(a, b) == 10 * math.log10(255**2 / mse) and psnr(a, a) == math.inf
+    with pytest.raises(ValueError, match=r"^images of different shapes"):
+        psnr(a, b[:-1])
+
+
 def test_load_rgb_converts_gray_and_rgba(tmp_path):
     Image.new("L", (5, 3), 7).save(tmp_path / "g.png")
     Image.new("RGBA", (5, 3), (1, 2, 3, 4)).save(tmp_path / "a.png")
