@@ -31,7 +31,7 @@ import torch
 from codec.image import to_uint8
 from models import LatentVariableModel
 
-DEFAULT_TILE = 1024  # padded pixels a side: the thesis-size PLN peaks at about 1.5 GB per tile on CPU
+DEFAULT_TILE = 1024  # padded pixels a side: the thesis-size PLN's analysis of a tile's context takes ~1 GB
 
 Box = tuple[int, int, int, int]  # (top, bottom, left, right) in padded pixels, bottom/right exclusive
 
