@@ -7,7 +7,8 @@ a 50 Mpx image, written as JSON.
 `seams` codes one photo (resized by --scale, Lanczos) whole and in tiles with the same model, coder and
 quality, and compares bpp and PSNR, and the error next to tile borders (within --band pixels) with the
 error elsewhere, for both files: a seam would show as a larger border error in the tiled file only.
-Each file chooses its shard decays as the encoder does: on the whole image, or on the centre tile.
+Each file chooses its shard decays as the encoder does: on the whole image, or on the centre tile; with
+--fixed-decay both code with the preset's own decays, so that only the tiling differs.
 
 `large` builds a --mpx megapixel mosaic of photos and a Kodak-sized (768×512) crop of it, and runs
 `rec-codec encode` and `decode` on each as a separate process under /usr/bin/time -v: peak RSS (the
@@ -34,6 +35,7 @@ from PIL import Image
 from codec import api, tiling
 from codec.image import find_images, load_rgb
 from codec.metrics import psnr
+from codec.params import CoderParams
 from codec.store import ModelStore, find_model
 
 
@@ -76,11 +78,13 @@ def cmd_seams(args) -> dict:
         "tile": args.tile,
         "band": args.band,
     }
+    params = CoderParams.preset(args.coder)
+    if args.fixed_decay:
+        params = params.with_level(1, decay_choices=()).with_level(2, decay_choices=())
+        out["fixed_decay"] = True
     for name, tile in (("whole", 0), ("tiled", args.tile)):
         t0 = time.perf_counter()
-        data, x_hat, stats = api.compress_image(
-            model, x, model_ref=ref, params=args.coder, quality=args.quality, tile=tile
-        )
+        data, x_hat, stats = api.compress_image(model, x, model_ref=ref, params=params, quality=args.quality, tile=tile)
         seconds = time.perf_counter() - t0
         decoded, _ = api.decompress(data, store)
         assert np.array_equal(decoded, x_hat), "decoder mismatch"
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     seams.add_argument("--photo", required=True)
     seams.add_argument("--scale", type=float, default=2.0)
     seams.add_argument("--band", type=int, default=2)
+    seams.add_argument("--fixed-decay", action="store_true", help="no per-file shard decay choice")
     large = sub.add_parser("large")
     large.add_argument("--photos", required=True)
     large.add_argument("--mpx", type=float, default=50.0)
