@@ -177,8 +177,8 @@ def compress_image(
         return z
 
     tiled = len(grid) > 1
-    z = tiling.encode_walk(model, x, grid, code, beta, model.prior_context if tiled else 0)
-    x_hat = tiling.synthesize(model, grid, z, beta, model.synthesis_context if tiled else 0, height, width)
+    z = tiling.encode_walk(model, x, grid, code, beta)
+    x_hat = tiling.synthesize(model, grid, z, beta, model.synthesis_context, height, width)
     header = RecHeader(
         model_ref.name,
         model_ref.sha256,

@@ -161,11 +161,12 @@ def encode(
         parent = torch.where(live, parent, torch.arange(beams, device=device))
         choice.masked_fill_(~live, 0)  # a mask index would sync
         weight, key = torch.where(live, new_weight, weight), torch.where(live, new_key, key)
-        indices = indices.gather(1, parent[:, :, None].expand(-1, -1, steps))
+        if beams > 1:  # each beam continues its parent's walk (one beam is its own parent)
+            indices = indices.gather(1, parent[:, :, None].expand(-1, -1, steps))
+            z = z.gather(0, parent[lay.dim_group].T)
         indices[:, :, step] = choice
         rows = pool.dim_rows(choice[lay.dim_group].T, scr, k)
         x = table[rows, scr.col] * scr.sign  # == pool.chosen_values, without hashing
-        z = z.gather(0, parent[lay.dim_group].T)
         z = torch.where(off, z, z + x * s)
     pick = weight.argmax(1)  # the walk with the largest importance weight
     return indices[torch.arange(lay.n_groups, device=device), pick], z.gather(0, pick[lay.dim_group][None])[0]

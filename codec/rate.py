@@ -45,7 +45,7 @@ def kl_bits(model, x: torch.Tensor, beta: float, tile: int = tiling.DEFAULT_TILE
         return q[0]
 
     grid = tiling.TileGrid.for_image(model, *x.shape[-2:], tile)
-    tiling.encode_walk(model, x, grid, mean, beta, model.prior_context if len(grid) > 1 else 0)
+    tiling.encode_walk(model, x, grid, mean, beta)
     return total / math.log(2)
 
 

@@ -114,13 +114,13 @@ Draw = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 PosteriorDraw = Callable[[int, int, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
 
-def encode_walk(
-    model: LatentVariableModel, x: torch.Tensor, grid: TileGrid, draw: PosteriorDraw, beta, prior_context: int
-) -> torch.Tensor:
+def encode_walk(model: LatentVariableModel, x: torch.Tensor, grid: TileGrid, draw: PosteriorDraw, beta) -> torch.Tensor:
     """The encoder's walk: each tile's analysis features (from its context, cropped to the tile; kept
     until the walk ends, 4 bytes a pixel for the thesis-size PLN), then top_down with
     z = draw(level, tile, (q_loc, q_scale), (p_loc, p_scale)), the posterior computed from the prior.
-    `x` is the (1, 3, H, W) image, uint8 or float. Returns z1 of the whole padded image."""
+    `x` is the (1, 3, H, W) image, uint8 or float. The priors use model.prior_context (what a tiled
+    header records; one tile's context is the whole image whatever the halo). Returns z1 of the whole
+    padded image."""
     feats = []
     for index in range(len(grid)):
         ctx, box = grid.context(index, model.analysis_context), grid.box(index)
@@ -131,7 +131,7 @@ def encode_walk(
         q = model.posterior(level, feats[index], p_loc, p_scale)
         return draw(level, index, q, (p_loc, p_scale))
 
-    z1 = top_down(model, grid, posterior_draw, beta, prior_context)
+    z1 = top_down(model, grid, posterior_draw, beta, model.prior_context)
     feats.clear()  # freed before the synthesis, the peak of memory
     return z1
 
