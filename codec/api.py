@@ -4,6 +4,8 @@
              -> encode_level -> the CODED sample z_level (what the decoder will rebuild)
     decoder: for level L..1: prior(level, z_above) -> decode_level -> z_level
     both:    x_hat = synthesize(z1)[..., :H, :W] -> clamp -> 8-bit
+    lossless files: then the image itself, coded under the model's lossless head given x_hat
+             (codec/lossless.py), is the last section; the decoder returns it instead of x_hat
 
 For the PLN the level-1 prior AND posterior are computed from the coded z2, exactly as the
 decoder sees it. The encoder returns the 8-bit image its file decodes to; on the same device
@@ -25,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from codec import lossless as pixel_layer
 from codec import tiling
 from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_code, pack_rec, unpack_rec
 from codec.entropy import RecDecodeError
@@ -120,8 +123,9 @@ def compress_image(
     beta: float | None = None,
     quality: int | None = None,
     tile: int = tiling.DEFAULT_TILE,
+    lossless: bool = False,
 ) -> tuple[bytes, np.ndarray, dict]:
-    """Compress one image into .rec bytes.
+    """Compress one image into .rec bytes (lossy, or with `lossless` the exact pixels).
 
     Args:
         model: a VAE (1 level) or PLN (2 levels); moved to `device`.
@@ -135,11 +139,13 @@ def compress_image(
             a variable-rate model given neither codes at codec.rate.DEFAULT_QUALITY.
         tile: an image of more than tile² padded pixels is coded in tiles of tile × tile pixels
             (codec/tiling.py; a multiple of the model's downsampling factor); 0 codes every image whole.
+        lossless: after the latents, code the 8-bit image itself under the model's lossless head given
+            the lossy decode (codec/lossless.py); needs a model file with a head and uint8 pixels.
     Returns:
         (data, x_hat, stats): the file bytes, the (H, W, 3) uint8 image they decode to, and
         {"height", "width", "bytes", "bpp" (8 * bytes / (H W), header included), "kl_bits",
         "kl_bpp", "levels" (the coder's per-level stats, summed over tiles), "tiles", "beta" (the
-        coded β or None), "seconds"}.
+        coded β or None), "seconds", and for a lossless file "pixel_bytes" (its pixel layer)}.
     Raises:
         ImageTooLargeError: more than max_pixels pixels. ValueError: bad arguments.
     """
@@ -152,6 +158,13 @@ def compress_image(
     x = image_pixels(image).to(device)  # (1, 3, H, W)
     height, width = x.shape[-2:]
     _check_size(height, width, max_pixels)
+    if lossless:
+        if model.lossless_head is None:
+            raise ValueError(f"model {model_ref.name} has no lossless head (scripts/train_lossless.py adds one)")
+        if x.dtype != torch.uint8:
+            raise ValueError("lossless coding needs 8-bit pixels: give a uint8 array or tensor")
+    if lossless and model.variable_rate and beta is None and quality is None:
+        quality = pixel_layer.DEFAULT_QUALITY
     beta, beta_code = coding_beta(model, beta, quality)
     model = model.to(device).eval()
     grid = tiling.TileGrid.for_image(model, height, width, tile)
@@ -179,6 +192,11 @@ def compress_image(
     tiled = len(grid) > 1
     z = tiling.encode_walk(model, x, grid, code, beta)
     x_hat = tiling.synthesize(model, grid, z, beta, model.synthesis_context, height, width)
+    pixels = []
+    if lossless:
+        original = x[0].permute(1, 2, 0).cpu().numpy()
+        pixels = [pixel_layer.encode_pixels(model.lossless_head, original, x_hat, beta)]
+        x_hat = original
     header = RecHeader(
         model_ref.name,
         model_ref.sha256,
@@ -189,8 +207,9 @@ def compress_image(
         params_to_bytes(params, model.num_levels),
         beta_code=beta_code,
         **(_tiling_fields(model, grid) if tiled else {}),
+        lossless=lossless,
     )
-    data = pack_rec(header, [sections[key] for key in sorted(sections, key=lambda k: (-k[0], k[1]))])
+    data = pack_rec(header, [sections[key] for key in sorted(sections, key=lambda k: (-k[0], k[1]))] + pixels)
     levels = [levels[level] for level in sorted(levels, reverse=True)]
     kl_bits = sum(s["kl_bits"] for s in levels)
     stats = {
@@ -205,6 +224,8 @@ def compress_image(
         "beta": beta,
         "seconds": time.perf_counter() - t0,
     }
+    if lossless:
+        stats["pixel_bytes"] = len(pixels[0])
     return data, x_hat, stats
 
 
@@ -231,7 +252,8 @@ Resolver = Callable[[RecHeader], LatentVariableModel]
 def decompress(
     data: bytes, resolve: Resolver, device: str | torch.device = "cpu", max_pixels: int = MAX_PIXELS
 ) -> tuple[np.ndarray, RecHeader]:
-    """Decode .rec bytes into the (H, W, 3) uint8 image the encoder returned.
+    """Decode .rec bytes into the (H, W, 3) uint8 image the encoder returned (a lossless file: the
+    encoder's input).
 
     Args:
         resolve: header -> model (e.g. a ModelStore); raises ModelNotFoundError.
@@ -246,8 +268,10 @@ def decompress(
         raise RecFormatError("height", f"{header.width}x{header.height} is above the limit of {max_pixels} pixels")
     model = resolve(header).to(device).eval()
     n_tiles = header.n_tiles
-    if len(sections) != model.num_levels * n_tiles:
+    if len(sections) != model.num_levels * n_tiles + header.lossless:
         raise RecFormatError("n_sections", f"{len(sections)} sections, but the model has {model.num_levels} levels")
+    if header.lossless and model.lossless_head is None:
+        raise RecFormatError("pixel layer", f"the file is lossless, but model {header.model_name} has no lossless head")
     params = params_from_header(header, model.num_levels)
     beta = _header_beta(header, model)
     height, width = header.height, header.width
@@ -263,7 +287,13 @@ def decompress(
             raise RecFormatError(f"section {i + 1} (level {level})", str(e)) from None
 
     z = tiling.top_down(model, grid, decode, beta, header.prior_context)
-    return tiling.synthesize(model, grid, z, beta, header.synthesis_context, height, width), header
+    x_hat = tiling.synthesize(model, grid, z, beta, header.synthesis_context, height, width)
+    if header.lossless:
+        try:
+            x_hat = pixel_layer.decode_pixels(model.lossless_head, sections[-1], x_hat, beta)
+        except RecDecodeError as e:
+            raise RecFormatError(f"section {len(sections)} (pixel layer)", str(e)) from None
+    return x_hat, header
 
 
 def _header_grid(header: RecHeader, model: LatentVariableModel) -> tiling.TileGrid:

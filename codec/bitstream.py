@@ -11,11 +11,14 @@ Layout (big-endian; the full spec with examples is docs/rec-format.md):
 
     version 3 (tiled): ... coder_params | u16 beta_code (0: none) | u16 tile | u16 prior_context
     | u16 synthesis_context | u16 n_sections | sections: level L of every tile, then level L-1, ...
+    version 4 (lossless): the version 3 layout (tile 0: not tiled), then one more section, level 0:
+    the pixel layer (codec/lossless.py)
 
 Version 2 adds the β a variable-rate model coded the image at (`beta_code`, 1/256-octave steps; see
-beta_to_code); version 3 the tiling of an image larger than a tile (codec/tiling.py). A file is written
-in the oldest version that holds it: version 1 for fixed-β models, so builds that predate version 2 still
-read those files, and version 3 only for tiled images.
+beta_to_code); version 3 the tiling of an image larger than a tile (codec/tiling.py); version 4 the
+pixel layer of a lossless file. A file is written in the oldest version that holds it: version 1 for
+fixed-β models, so builds that predate version 2 still read those files, version 3 only for tiled
+images and version 4 only for lossless ones.
 
 Reading checks the magic and the format version first (a future version may change the
 layout), then the CRC, then every field against the limits below. Any failure raises
@@ -34,8 +37,8 @@ from pathlib import Path
 from codec.rng import RNG_VERSION
 
 MAGIC = b"\x89REC"
-FORMAT_VERSION = 3  # the newest layout this build writes and reads
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest layout this build writes and reads
+READABLE_VERSIONS = (1, 2, 3, 4)
 SUPPORTED_RNG_VERSIONS = (RNG_VERSION,)
 
 MAX_SIDE = 1 << 16  # pixels per side: no image a codec can hold in memory is larger
@@ -93,9 +96,12 @@ class RecHeader:
     tile: int | None = None  # tiled files (format version 3): tile size, padded pixels a side
     prior_context: int = 0  # tiled files: halos of the prior and the synthesis, pixels (codec/tiling.py)
     synthesis_context: int = 0
+    lossless: bool = False  # format version 4: the last section is the pixel layer (level 0)
 
     @property
     def format_version(self) -> int:
+        if self.lossless:
+            return 4
         if self.tile is not None:
             return 3
         return 1 if self.beta_code is None else 2
@@ -163,25 +169,33 @@ class RecHeader:
             "beta": self.beta,
             "tile": self.tile,
             "tiles": self.n_tiles,
+            "lossless": self.lossless,
         }
 
 
 def _check_sections(header: RecHeader, n_sections: int) -> int:
-    """The number of levels that n_sections sections make for this header's tiles."""
-    limit = MAX_TILED_SECTIONS if header.tile is not None else MAX_LEVELS
-    levels, rest = divmod(n_sections, header.n_tiles)
-    if not 1 <= n_sections <= limit or rest or levels > MAX_LEVELS:
+    """The number of levels that n_sections sections make for this header's tiles (and pixel layer)."""
+    limit = MAX_TILED_SECTIONS if header.format_version >= 3 else MAX_LEVELS
+    levels, rest = divmod(n_sections - header.lossless, header.n_tiles)
+    if not 1 + header.lossless <= n_sections <= limit or rest or not 1 <= levels <= MAX_LEVELS:
         tiles = f" for {header.n_tiles} tiles" if header.tile is not None else ""
-        raise RecFormatError("n_sections", f"{n_sections} is not 1 to {MAX_LEVELS} levels{tiles}")
+        pixels = " and the pixel layer" if header.lossless else ""
+        raise RecFormatError("n_sections", f"{n_sections} is not 1 to {MAX_LEVELS} levels{tiles}{pixels}")
     return levels
+
+
+def section_level(header: RecHeader, levels: int, index: int) -> int:
+    """The level byte of section `index`: top level first, each level's tiles in raster order, and a
+    lossless file's pixel layer last, as level 0."""
+    return max(0, levels - index // header.n_tiles)
 
 
 def pack_rec(header: RecHeader, sections: list[bytes]) -> bytes:
     """Serialise a header and its sections (top level first; in a tiled file each level's tiles in
-    raster order) into .rec bytes."""
+    raster order; a lossless file's pixel layer last) into .rec bytes."""
     header.validate()
     levels = _check_sections(header, len(sections))
-    data = write_fields(header, sections, [levels - i // header.n_tiles for i in range(len(sections))])
+    data = write_fields(header, sections, [section_level(header, levels, i) for i in range(len(sections))])
     if len(data) > MAX_FILE_BYTES:
         raise RecFormatError("file", f"{len(data)} bytes is above the limit of {MAX_FILE_BYTES}")
     return data
@@ -206,8 +220,8 @@ def write_fields(header: RecHeader, sections: list[bytes], levels: list[int], co
     for text in (header.model_name, header.coder):
         out += struct.pack(">B", len(text)) + text.encode("ascii")
     out += struct.pack(">H", len(header.coder_params)) + header.coder_params
-    if header.tile is not None:
-        tiling = (header.tile, header.prior_context, header.synthesis_context)
+    if header.format_version >= 3:
+        tiling = (header.tile or 0, header.prior_context, header.synthesis_context)
         out += struct.pack(">HHHHH", header.beta_code or 0, *tiling, count)
     else:
         if header.beta_code is not None:
@@ -250,10 +264,13 @@ def _parse(data: bytes) -> tuple[RecHeader, list[bytes]]:
     (n,) = r.unpack(">H", "coder_params")
     params = r.take(n, "coder_params")
     tiling = {}
-    if version == 3:
+    if version >= 3:
         beta_code, tile, prior_context, synthesis_context = r.unpack(">HHHH", "tiling")
         beta_code = beta_code or None
+        if version == 4 and tile == 0:
+            tile = None
         tiling = dict(tile=tile, prior_context=prior_context, synthesis_context=synthesis_context)
+        tiling["lossless"] = version == 4
         (n_sections,) = r.unpack(">H", "n_sections")
     else:
         beta_code = r.unpack(">H", "beta_code")[0] if version == 2 else None
@@ -264,8 +281,8 @@ def _parse(data: bytes) -> tuple[RecHeader, list[bytes]]:
     sections = []
     for i in range(n_sections):
         level, length = r.unpack(">BI", f"section {i + 1} header")
-        if level != levels - i // header.n_tiles:
-            raise RecFormatError(f"section {i + 1}", f"level {level}, expected {levels - i // header.n_tiles}")
+        if level != section_level(header, levels, i):
+            raise RecFormatError(f"section {i + 1}", f"level {level}, expected {section_level(header, levels, i)}")
         sections.append(r.take(length, f"section {i + 1} (level {level})"))
     if r.pos != r.end:
         raise RecFormatError("file", f"{r.end - r.pos} unexpected bytes before the CRC")

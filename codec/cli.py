@@ -3,6 +3,7 @@
     rec-codec encode photo.png                 # -> photo.rec
     rec-codec encode photo.png --quality 6     # variable-rate model: quality 1 (small) … 8
     rec-codec encode photo.png --bpp 0.3       # ... or the β whose file is nearest 0.3 bpp
+    rec-codec encode photo.png --lossless      # the exact pixels (a model file with a lossless head)
     rec-codec encode photos/ a.png -o out/     # folders and several inputs
     rec-codec decode photo.rec                 # -> photo.rec.png
     rec-codec info photo.rec                   # the header as JSON
@@ -92,6 +93,11 @@ def build_parser(prog: str = "rec-codec") -> argparse.ArgumentParser:
         metavar="N",
         help="code images above N×N pixels in N-pixel tiles, bounding memory (default 1024; 0: whole)",
     )
+    enc.add_argument(
+        "--lossless",
+        action="store_true",
+        help="code the exact pixels: the latents, then the image given their decode (default quality 8)",
+    )
     rate = enc.add_mutually_exclusive_group()
     rate.add_argument(
         "--quality",
@@ -148,6 +154,11 @@ def cmd_encode(args) -> int:
         say(f"error: {e}", err=True)
         return 1
     max_pixels = args.max_pixels or api.MAX_PIXELS
+    if args.lossless:
+        if args.bpp is not None:
+            raise UsageError("--bpp cannot be combined with --lossless (a lossless file's size is the image's)")
+        if model.lossless_head is None:
+            raise UsageError(f"--lossless: model {ref.name} has no lossless head; choose a model that has one")
     beta = _rate_setting(args, model, ref.name)
     tile = tiling.DEFAULT_TILE if args.tile is None else args.tile
     if tile:
@@ -172,6 +183,7 @@ def cmd_encode(args) -> int:
                 max_pixels=max_pixels,
                 beta=b,
                 tile=tile,
+                lossless=args.lossless,
             )
 
         if args.bpp is None:
@@ -194,12 +206,15 @@ def cmd_encode(args) -> int:
             "bytes": len(data),
             "bpp": stats["bpp"],
             "kl_bpp": stats["kl_bpp"],
-            "psnr": psnr(x, x_hat),
             "model": ref.name,
             "coder": args.coder,
             "seed": args.seed,
             "notes": notes,
         }
+        if args.lossless:
+            rec.update(lossless=True, bits_per_subpixel=stats["bpp"] / 3, pixel_bytes=stats["pixel_bytes"])
+        else:
+            rec["psnr"] = psnr(x, x_hat)
         if stats["beta"] is not None:
             rec.update(beta=stats["beta"], quality=args.quality, target_bpp=args.bpp)
         return rec
@@ -211,6 +226,7 @@ def _rate_setting(args, model, name: str) -> float | None:
     """The β to code at from --quality/--beta (None for --bpp, searched per image, and for fixed-β
     models); a UsageError for a setting the model cannot take."""
     from codec.api import coding_beta
+    from codec.lossless import DEFAULT_QUALITY as LOSSLESS_QUALITY
     from codec.rate import DEFAULT_QUALITY
 
     asked = next(
@@ -226,7 +242,7 @@ def _rate_setting(args, model, name: str) -> float | None:
     if args.bpp is not None:
         return None
     if args.beta is None:
-        args.quality = args.quality or DEFAULT_QUALITY  # reported with each file
+        args.quality = args.quality or (LOSSLESS_QUALITY if args.lossless else DEFAULT_QUALITY)  # reported
     try:
         return coding_beta(model, args.beta, args.quality)[0]
     except ValueError as e:
@@ -275,7 +291,8 @@ def cmd_info(args) -> int:
             continue
         size = os.path.getsize(arg)
         tiles = header.n_tiles
-        levels = len(sections) // tiles
+        latents = sections[: len(sections) - header.lossless]
+        levels = len(latents) // tiles
         d = {
             "file": arg,
             "bytes": size,
@@ -284,9 +301,11 @@ def cmd_info(args) -> int:
             "coder_params": describe_params(header, levels),
             "sections": [
                 {"level": levels - i // tiles, **({"tile": i % tiles} if tiles > 1 else {}), "bytes": len(s)}
-                for i, s in enumerate(sections)
+                for i, s in enumerate(latents)
             ],
         }
+        if header.lossless:
+            d["sections"].append({"level": 0, "pixel_layer": True, "bytes": len(sections[-1])})
         print(json.dumps(d) if args.json else json.dumps(d, indent=2))
     return 1 if failed else 0
 

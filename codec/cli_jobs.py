@@ -117,4 +117,6 @@ def result_line(rec: dict) -> str:
         text += f" at β={rec['beta']:.4g}" + (f" (quality {rec['quality']})" if rec.get("quality") else "")
     if "psnr" in rec:
         text += f" (KL {rec['kl_bpp']:.4f}), PSNR {_fmt(rec['psnr'], 2)} dB"
+    if rec.get("lossless"):
+        text += f", lossless: {rec['bits_per_subpixel']:.4f} bits per subpixel (pixel layer {rec['pixel_bytes']} B)"
     return text + f", {rec['seconds']:.2f} s"

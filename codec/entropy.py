@@ -27,6 +27,16 @@ def pmf_to_quantized_cdf(pmf: list[float], precision: int) -> list[int]:
     return _compressai()[0](pmf, precision)
 
 
+def rans_encoder():
+    """compressai's RansEncoder: encode_with_indexes(symbols, indexes, cdfs, cdf_lengths, offsets)."""
+    return _compressai()[1]()
+
+
+def rans_decoder():
+    """compressai's RansDecoder: set_stream(bytes), then decode_stream(indexes, cdfs, ...) in order."""
+    return _compressai()[2]()
+
+
 PRECISION = 16  # compressai's rANS precision (fixed)
 COUNT_BITS = 7  # a histogram count is sent as round(4 * log2(count)) + 1, 0 for none
 

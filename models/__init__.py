@@ -10,6 +10,7 @@ from torch import nn
 from .base import LatentVariableModel, elbo_loss
 from .config import ModelConfig
 from .distributions import combine_gaussians, gaussian_kl
+from .lossless import LosslessHead
 from .pln import LadderVAE
 from .vae import GaussianVAE
 
@@ -60,26 +61,28 @@ def save_model(
     model: nn.Module, out_dir: str | os.PathLike, tag: str, dtype: torch.dtype = torch.float32, meta: dict | None = None
 ) -> Path:
     """Export `<arch>-<tag>-<sha8>.pt`; sha8 is the first 8 hex digits of the file's SHA-256, which
-    is what a .rec header refers to. `dtype` lets big models ship as fp16/bf16 (loaded back as fp32)."""
+    is what a .rec header refers to. `dtype` lets big models ship as fp16/bf16 (loaded back as fp32).
+    A model with a lossless head (models/lossless.py) carries it in the file's "lossless" entry."""
     model = unwrap(model)
     cfg: ModelConfig = model.cfg
     state = {
-        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in model.state_dict().items()
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith("lossless_head.")
     }
+    blob = {"format": MODEL_FORMAT, "arch": cfg.arch, "tag": tag, "config": cfg.to_dict(), "meta": meta or {}}
+    blob["state_dict"] = state
+    head = model.lossless_head
+    if head is not None:  # small: kept in float32, with its integer CDF tables
+        blob["lossless"] = {
+            "config": head.config(),
+            "meta": head.meta,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+        }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{cfg.arch}-{tag}.pt.tmp"
-    torch.save(
-        {
-            "format": MODEL_FORMAT,
-            "arch": cfg.arch,
-            "tag": tag,
-            "config": cfg.to_dict(),
-            "meta": meta or {},
-            "state_dict": state,
-        },
-        tmp,
-    )
+    torch.save(blob, tmp)
     final = out_dir / f"{cfg.arch}-{tag}-{file_sha256(tmp)[:8]}.pt"
     os.replace(tmp, final)
     return final
@@ -92,5 +95,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise ValueError(f"{path}: not a rec-codec model file (expected format {MODEL_FORMAT!r})")
     model = build_model(ModelConfig.from_dict(blob["config"]))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    if "lossless" in blob:
+        model.lossless_head = LosslessHead(**blob["lossless"]["config"])
+        model.lossless_head.load_state_dict(blob["lossless"]["state_dict"])
+        model.lossless_head.meta = blob["lossless"].get("meta", {})
     info = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.to(device).eval(), info

@@ -104,7 +104,7 @@ def test_read_rejects_other_format_version():
     with pytest.raises(
         RecFormatError,
         match=rf"^format_version: .rec format version {FORMAT_VERSION + 1} is not "
-        r"supported \(this build reads versions 1, 2, 3\)$",
+        r"supported \(this build reads versions 1, 2, 3, 4\)$",
     ):
         unpack_rec(recrc(bytes(data)))
 

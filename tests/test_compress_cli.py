@@ -317,7 +317,7 @@ def test_rec_of_another_format_version(capsys, rec_file):
         capsys,
         rec_file,
         f"not a valid .rec file: format_version: .rec format version "
-        f"{FORMAT_VERSION + 1} is not supported (this build reads versions 1, 2, 3)",
+        f"{FORMAT_VERSION + 1} is not supported (this build reads versions 1, 2, 3, 4)",
     )
 
 
