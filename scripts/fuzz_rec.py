@@ -7,7 +7,11 @@ The corpus: real .rec files from tiny random models whose posterior heads are se
 the levels carry outliers, rANS side information and index bits: a PLN and a VAE (fixed β) and a
 variable-rate PLN (β codes), each coded with every preset and a custom parameter set (carried as
 b"P" fields), at a few sizes, and each model's `fast` files of an image larger than a tile (TILED: tiles
-of 64 pixels, format version 3).
+of 64 pixels, format version 3). The variable-rate model also carries a lossless head whose output
+layers are random (so that the pixels' means and scales vary as a trained head's do), and the corpus
+has its `fast` lossless files (format version 4, named "vbr-fast-37x53-lossless" etc.): 37x53, 1x1,
+130x90 (two 128-row strips of the pixel layer) and 150x200 in tiles of 64. A case's source file is one
+of the lossless files with probability LOSSLESS_SHARE, else any corpus file.
 
 Mutation kinds; case i has kind kinds[i % len(kinds)] and its own generator seeded by (seed, i):
   raw      byte and bit flips, truncations, appended and deleted bytes anywhere in the file; the file
@@ -16,21 +20,39 @@ Mutation kinds; case i has kind kinds[i % len(kinds)] and its own generator seed
   section  inside one section's body: bit flips in its head (version, sampler, params check), new
            values or malformed encodings of its varint counts, flips, truncations, insertions and
            deletions in its rANS part or its raw bits; then the section's CRC recomputed and the file
-           repacked with pack_rec, so every CRC is valid.
+           repacked with pack_rec, so every CRC is valid. In a lossless file, half the cases mutate
+           the pixel layer instead (u32 image CRC, then per stage and strip u32 length | rANS chunk):
+           the image CRC damaged, a chunk's length field made bigger, smaller, 0 or 2^32 - 1 over the
+           same bytes, bytes edited inside a chunk (its length field kept true or not), chunks
+           truncated, extended, emptied, dropped, duplicated or swapped, the layer cut short or bytes
+           appended after its last chunk; then the file repacked with pack_rec.
   header   crafted headers on valid sections: extreme heights and widths (up to 2^32 - 1, forged
            100 Mpx and 65535x65535 sizes), every registered parameter id and unknown ones, malformed
            b"P" and b"J" parameter fields, β codes at and past the model's range and the format's
            ends, another model's hash or name, other seeds, RNG and format versions; any file's header
            rewritten as a tiled one (format version 3) with extreme or inconsistent tile sizes, halos
-           and section counts.
+           and section counts. Version 4 headers: the lossless flag set on a file without a pixel layer
+           and cleared on a file with one (its pixel layer kept or dropped), each with the source's
+           level bytes or the new header's; a lossless file's format byte set to 1, 2 or 3 and a lossy
+           file's to 4; tile 0 in a tiled lossless file, with crafted halos; a lossless file's tiling
+           and section count crafted.
   splice   sections from other files (other models, presets, sizes, seeds): a VAE section in a PLN
-           file, levels of two files combined, sections swapped, duplicated, dropped or added.
+           file, levels of two files combined, sections swapped, duplicated, dropped or added. Pixel
+           layers: another lossless file's (another size, β, image) in place of a file's own, one added
+           to a lossy file of any model made lossless (of the same size half the time), a pixel layer
+           where a latent section should be and a latent section where the pixel layer should be, the
+           header and latents of a lossy file of the same size under a lossless file's pixel layer, the
+           pixel layer dropped or duplicated.
 
 What counts as a failure: every case must end in a decoded (H, W, 3) uint8 image, in RecFormatError,
 or in ModelNotFoundError when the header names a model hash that is not in the corpus; a raw case
-must raise RecFormatError. Anything else fails the run: another exception type (MemoryError
-included), a case running past --timeout (a hang), the decoding process dying (a crash). Each
-failure names the seed, the case index and the mutation, which --first replays.
+must raise RecFormatError. A lossless file that decodes returns pixels that passed its pixel layer's
+CRC32 (some edits leave them as they were, e.g. bytes appended to a rANS chunk past what the decoder
+reads). Anything else fails the run: another exception type (MemoryError included), a case running
+past --timeout (a hang), the decoding process dying (a crash). Each failure names the seed, the case
+index and the mutation, which --first replays. The report counts the outcomes per kind, and again
+for the cases whose source is a lossless file (lossless_outcomes), and which checks of the latent
+coder (section_checks) and of the pixel layer's decoder (pixel_layer_checks) fired.
 
 Memory: the cases run in a child process whose address space is limited (RLIMIT_AS) to its size
 after loading the corpus plus --memory-mb (default 1024 MiB, well below one forged 100 Mpx image in
@@ -63,9 +85,11 @@ from codec.api import MAX_PIXELS, compress_image, decompress
 from codec.bitstream import RecFormatError, RecHeader, beta_to_code, pack_rec, unpack_rec, write_fields
 from codec.header_params import params_from_header
 from codec.level import _read_varint, _varint
+from codec.lossless import build_tables
 from codec.params import _FORMAT, REGISTERED_FORMATS, CoderParams
 from codec.store import ModelNotFoundError, ModelStore
 from models import ModelConfig, build_model, save_model
+from models.lossless import LosslessHead
 
 KINDS = ("raw", "recrc", "section", "header", "splice")
 STRUCTURED_KINDS = KINDS[2:]
@@ -79,6 +103,10 @@ MODELS = {
     "vbr": dict(arch="pln", beta_knots=4, beta_min=0.5, beta_max=8.0, **_TINY),
 }
 VBR_BETAS = (0.5, 2.0, 8.0)
+LOSSLESS_MODELS = ("vbr",)  # the models given a lossless head
+LOSSLESS = ((37, 53), (1, 1), (130, 90))  # `fast` lossless files; 130 rows are two strips of the pixel layer
+LOSSLESS_TILED = ((150, 200, 64),)
+LOSSLESS_SHARE = 0.2  # the share of cases whose source is drawn from the lossless files only
 
 
 class CaseTimeout(Exception):
@@ -108,6 +136,7 @@ class Corpus:
 
     def __post_init__(self):
         self.parsed = [f.parts for f in self.files]
+        self.lossless = [i for i, (header, _) in enumerate(self.parsed) if header.lossless]
 
 
 def custom_params():
@@ -130,14 +159,30 @@ def _sharpen(model, generator):
     return model
 
 
+def lossless_head(generator) -> LosslessHead:
+    """A small lossless head whose output layers are random (a fresh head predicts μ = x̂ everywhere), so
+    that means and scales vary from subpixel to subpixel, with the coder's tables."""
+    head = LosslessHead(8)
+    with torch.no_grad():
+        for net in head.stages:
+            for p in (net[-1].weight, net[-1].bias):
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    head.cdfs = build_tables()
+    return head
+
+
 def make_corpus(
     folder: Path,
     coders: tuple[str, ...] = CODERS,
     sizes: tuple[tuple[int, int], ...] = SIZES,
     models=tuple(MODELS),
     tiled: tuple[tuple[int, int, int], ...] = TILED,
+    lossless: tuple[tuple[int, int], ...] = LOSSLESS,
+    lossless_tiled: tuple[tuple[int, int, int], ...] = LOSSLESS_TILED,
 ) -> Corpus:
-    """Code random images with tiny models into `folder` (model files, .rec files, corpus.json)."""
+    """Code random images with tiny models into `folder` (model files, .rec files, corpus.json); the
+    models of LOSSLESS_MODELS get a lossless head and `fast` lossless files of the `lossless` sizes and
+    the `lossless_tiled` (height, width, tile) images."""
     folder = Path(folder)
     store = ModelStore(dirs=[folder])
     rng = np.random.default_rng(0)
@@ -145,18 +190,24 @@ def make_corpus(
     index, model_files = [], {}
     for key in models:
         torch.manual_seed(len(index))
-        path = save_model(_sharpen(build_model(ModelConfig(**MODELS[key])), generator), folder, f"fuzz-{key}")
+        model = _sharpen(build_model(ModelConfig(**MODELS[key])), generator)
+        if key in LOSSLESS_MODELS:
+            model.lossless_head = lossless_head(generator)
+        path = save_model(model, folder, f"fuzz-{key}")
         model, ref = store.load(path)
         model_files[key] = path.name
-        jobs = [(coder, h, w, 0) for coder in coders for h, w in sizes] + [("fast", *t) for t in tiled]
-        for coder, h, w, tile in jobs:
+        jobs = [(coder, h, w, 0, False) for coder in coders for h, w in sizes] + [("fast", *t, False) for t in tiled]
+        if key in LOSSLESS_MODELS:
+            jobs += [("fast", h, w, 0, True) for h, w in lossless] + [("fast", *t, True) for t in lossless_tiled]
+        for coder, h, w, tile, exact in jobs:
             image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             params = custom_params() if coder == "custom" else coder
             beta = pick(rng, VBR_BETAS) if model.variable_rate else None
+            seed = int(rng.integers(1 << 62))
             data = compress_image(
-                model, image, model_ref=ref, seed=int(rng.integers(1 << 62)), params=params, beta=beta, tile=tile
+                model, image, model_ref=ref, seed=seed, params=params, beta=beta, tile=tile, lossless=exact
             )[0]
-            name = f"{key}-{coder}-{h}x{w}" + (f"-tile{tile}" if tile else "")
+            name = f"{key}-{coder}-{h}x{w}" + (f"-tile{tile}" if tile else "") + ("-lossless" if exact else "")
             (folder / f"{name}.rec").write_bytes(data)
             index.append({"name": name, "model": key, "coder": coder})
     (folder / "corpus.json").write_text(json.dumps({"models": model_files, "files": index}, indent=1))
@@ -270,9 +321,14 @@ def _count_value(old: int, rng: np.random.Generator) -> int:
     return max(0, pick(rng, choices)) if rng.random() < 0.8 else int(rng.integers(1 << 16))
 
 
-def mutate_section(sections: list[bytes], rng: np.random.Generator) -> tuple[list[bytes], str]:
-    """One mutation inside one section's body, its CRC recomputed."""
-    i = int(rng.integers(len(sections)))
+def mutate_section(sections: list[bytes], rng: np.random.Generator, lossless: bool = False) -> tuple[list[bytes], str]:
+    """One mutation inside one section's body, its CRC recomputed; in a lossless file's sections, half the
+    time one of the pixel layer's (mutate_pixel_layer)."""
+    out = list(sections)
+    if lossless and rng.random() < 0.5:
+        out[-1], what = mutate_pixel_layer(sections[-1], rng)
+        return out, f"section {len(sections)} pixel layer: {what}"
+    i = int(rng.integers(len(sections) - lossless))
     parts = SectionParts.split(sections[i])
     where = pick(rng, ("head", "count", "count bytes", "rans", "raw bits", "raw bits", "rans"))
     if where == "head":
@@ -301,9 +357,113 @@ def mutate_section(sections: list[bytes], rng: np.random.Generator) -> tuple[lis
                 what += f" (len(rans) kept at {parts.counts[3]})"
         else:
             parts.raw_bits = new
-    out = list(sections)
     out[i] = parts.join()
     return out, f"section {i + 1} {where}: {what}"
+
+
+# ---- pixel layer mutations --------------------------------------------------------------------------
+
+
+@dataclass
+class PixelLayer:
+    """A lossless file's pixel layer split by codec/lossless.py's layout: u32 CRC32 of the image, then
+    per stage and strip `u32 length | rANS chunk`; any bytes that do not parse as a chunk are the tail."""
+
+    crc: bytes
+    chunks: list[bytes]
+    lengths: list[int]  # the length fields as written: a lie where one differs from len(chunk)
+    tail: bytes = b""
+
+    @classmethod
+    def split(cls, layer: bytes) -> "PixelLayer":
+        chunks, pos = [], 4
+        while pos + 4 <= len(layer):
+            n = int.from_bytes(layer[pos : pos + 4], "big")
+            if pos + 4 + n > len(layer):
+                break
+            chunks.append(layer[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        return cls(layer[:4], chunks, [len(c) for c in chunks], layer[pos:] if len(layer) >= 4 else b"")
+
+    def join(self) -> bytes:
+        return self.crc + b"".join(n.to_bytes(4, "big") + c for n, c in zip(self.lengths, self.chunks)) + self.tail
+
+
+PIXEL_OPS = ("crc", "length", "length", "chunk bytes", "chunk bytes", "truncate chunk", "extend chunk")
+PIXEL_OPS += ("drop chunk", "duplicate chunk", "swap chunks", "empty chunk", "cut layer", "tail")
+
+
+def mutate_pixel_layer(layer: bytes, rng: np.random.Generator, op: str | None = None) -> tuple[bytes, str]:
+    """One mutation of a pixel layer (`op` of PIXEL_OPS, default a random one) and its description: the
+    image CRC damaged, a chunk's length field set to a lie, bytes edited inside a chunk (its length kept
+    true, or not), chunks truncated, extended, emptied, dropped, duplicated or swapped, the layer cut or
+    bytes appended after its last chunk."""
+    px = PixelLayer.split(layer)
+    op = op or pick(rng, PIXEL_OPS)
+    n = len(px.chunks)
+    strips = max(1, n // 6)
+    nonempty = [k for k, c in enumerate(px.chunks) if c]
+    k = pick(rng, nonempty) if nonempty and op in ("chunk bytes", "truncate chunk", "empty chunk") else None
+    k = int(rng.integers(max(1, n))) if k is None else k
+    where = f"chunk {k + 1} of {n} (stage {k // strips}, strip {k % strips})"
+    if op == "crc" or not n and op not in ("cut layer", "tail"):
+        crc = bytearray(px.crc)
+        variant = int(rng.integers(4))
+        if variant == 0 and crc:
+            b = int(rng.integers(8 * len(crc)))
+            crc[b // 8] ^= 1 << (b % 8)
+            what = f"image CRC bit {b} flipped"
+        elif variant == 1:
+            crc = bytearray(rng.bytes(4))
+            what = "image CRC random"
+        else:
+            crc = bytearray(bytes(4) if variant == 2 else b"\xff" * 4)
+            what = f"image CRC {crc.hex()}"
+        px.crc = bytes(crc)
+        return px.join(), what
+    if op == "length":
+        old = px.lengths[k]
+        choices = (old + 1, old + int(rng.integers(2, 65)), old - 1, old // 2, 0, (1 << 32) - 1, 1 << 31, len(layer))
+        new = pick(rng, [c for c in choices if c != old and c >= 0])
+        px.lengths[k] = new
+        return px.join(), f"{where} length field {old} -> {new}"
+    if op == "chunk bytes":
+        px.chunks[k], what = _edit_bytes(px.chunks[k], rng)
+        if rng.random() < 0.7:
+            px.lengths[k] = len(px.chunks[k])
+        else:
+            what += f" (length field kept at {px.lengths[k]})"
+        return px.join(), f"{where}: {what}"
+    if op == "truncate chunk":
+        m = int(rng.integers(len(px.chunks[k]) or 1))
+        px.chunks[k], px.lengths[k] = px.chunks[k][:m], m
+        return px.join(), f"{where} truncated to {m} bytes"
+    if op == "extend chunk":
+        m = int(rng.integers(1, 17))
+        extra = bytes(m) if rng.random() < 0.5 else rng.bytes(m)
+        px.chunks[k] += extra
+        px.lengths[k] = len(px.chunks[k])
+        return px.join(), f"{where} extended by {m} {'zero' if not any(extra) else 'random'} bytes"
+    if op == "empty chunk":
+        px.chunks[k], px.lengths[k] = b"", 0
+        return px.join(), f"{where} emptied"
+    if op == "drop chunk":
+        del px.chunks[k], px.lengths[k]
+        return px.join(), f"{where} dropped"
+    if op == "duplicate chunk":
+        px.chunks.insert(k, px.chunks[k])
+        px.lengths.insert(k, px.lengths[k])
+        return px.join(), f"{where} duplicated"
+    if op == "swap chunks":
+        m = (k + 1 + int(rng.integers(n - 1))) % n if n > 1 else k
+        px.chunks[k], px.chunks[m] = px.chunks[m], px.chunks[k]
+        px.lengths[k], px.lengths[m] = px.lengths[m], px.lengths[k]
+        return px.join(), f"{where} swapped with chunk {m + 1}"
+    if op == "cut layer":
+        m = int(rng.integers(len(layer)))
+        return layer[:m], f"layer cut to {m} of {len(layer)} bytes"
+    m = int(rng.integers(1, 9))
+    return layer + (bytes(m) if rng.random() < 0.5 else rng.bytes(m)), f"{m} bytes after the last chunk"
 
 
 # ---- crafted headers --------------------------------------------------------------------------------
@@ -311,9 +471,10 @@ def mutate_section(sections: list[bytes], rng: np.random.Generator) -> tuple[lis
 
 def file_levels(header: RecHeader, n_sections: int) -> list[int]:
     """The level byte of each section in a valid file of this header (top level first, each level's tiles
-    together); any header gives some list."""
+    together, a lossless header's last section level 0); any header gives some list."""
     tiles = max(1, header.n_tiles) if header.tile and header.height > 0 and header.width > 0 else 1
-    return [(max(1, n_sections // tiles) - i // tiles) & 0xFF for i in range(n_sections)]
+    n = n_sections - (header.lossless and n_sections > 0)
+    return [(max(1, n // tiles) - i // tiles) & 0xFF for i in range(n)] + [0] * (n_sections - n)
 
 
 def pack_unchecked(
@@ -440,15 +601,59 @@ def craft_tiling(header: RecHeader, sections: list[bytes], rng: np.random.Genera
     return data, f"tiling: tile {tile}, contexts {prior}/{synthesis}, n_sections {count} of {n}"
 
 
+LOSSLESS_CRAFTS = ("flag off", "flag off", "flag off, layer dropped", "format byte", "tile 0", "tiling", "count")
+LOSSY_CRAFTS = ("flag on", "flag on", "format byte")
+
+
+def craft_lossless(
+    header: RecHeader, sections: list[bytes], rng: np.random.Generator, op: str | None = None
+) -> tuple[bytes, str]:
+    """The file as a format version 4 header would have it, or a lossless file's header as an older
+    version's: `op` of LOSSLESS_CRAFTS for a lossless file (the flag cleared, with or without its pixel
+    layer; the format byte set to 1, 2 or 3; tile 0, with the contexts crafted; the tiling crafted; the
+    section count), of LOSSY_CRAFTS for a lossy one (the flag set on a file without a pixel layer; the
+    format byte set to 4). The sections keep the level bytes of the source or get those of the new header."""
+    n = len(sections)
+    op = op or pick(rng, LOSSLESS_CRAFTS if header.lossless else LOSSY_CRAFTS)
+    if op == "tiling":
+        data, note = craft_tiling(header, sections, rng)
+        return data, f"lossless {note}"
+    if op == "format byte":
+        version = pick(rng, (1, 2, 3)) if header.lossless else 4
+        data = bytearray(pack_unchecked(header, sections))
+        data[4] = version
+        return fix_crc(bytes(data)), f"format_version byte {data[4]} of a version {header.format_version} file"
+    if op == "count":
+        count = pick(rng, (0, 1, n - 1, n + 1, 2 * n, 65535))
+        return pack_unchecked(header, sections, count=count), f"lossless n_sections {count} of {n}"
+    if op == "tile 0":
+        prior, synthesis = pick(rng, CONTEXTS), pick(rng, CONTEXTS)
+        crafted = replace(header, tile=None, prior_context=prior, synthesis_context=synthesis)
+        note = f"lossless tile {header.tile} -> 0, contexts {prior}/{synthesis}"
+    elif op == "flag on":
+        crafted, note = replace(header, lossless=True), "lossless flag on a file without a pixel layer"
+    else:
+        crafted, note = replace(header, lossless=False), "lossless flag off"
+        if op == "flag off, layer dropped":
+            sections, note = sections[:-1], note + ", pixel layer dropped"
+    own = rng.random() < 0.6
+    levels = file_levels(crafted if own else header, len(sections))
+    note += f" (version {crafted.format_version}, {'its' if own else 'the source'} level bytes)"
+    return pack_unchecked(crafted, sections, levels), note
+
+
 def craft_header(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[bytes, str]:
     """The file `index`'s sections under a header with one field crafted."""
     header, sections = corpus.parsed[index]
     src = corpus.files[index]
     fields = ("size", "size", "forged size", "params", "params", "params", "beta", "model", "name", "misc", "tiling")
-    what = pick(rng, fields)
+    what = pick(rng, fields + ("lossless", "lossless"))
     levels = file_levels(header, len(sections))  # as the source file has them, whatever is crafted below
     if what == "tiling":
         data, note = craft_tiling(header, sections, rng)
+        return data, f"header {note}"
+    if what == "lossless":
+        data, note = craft_lossless(header, sections, rng)
         return data, f"header {note}"
     if what == "size":
         sides = [header.height, header.width]
@@ -461,7 +666,7 @@ def craft_header(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[
         h, w = pick(rng, FORGED_SIZES)
         header, note = replace(header, height=h, width=w), f"forged size {h}x{w}"
     elif what == "params":
-        params, note = _params_field(header, len(sections) // header.n_tiles, rng)
+        params, note = _params_field(header, (len(sections) - header.lossless) // header.n_tiles, rng)
         header = replace(header, coder_params=params)
     elif what == "beta":
         codes = [None, 0, 1, 32768, 65535, int(rng.integers(1, 1 << 16))]
@@ -489,7 +694,7 @@ def craft_header(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[
             version = int(rng.integers(256))
             header, note = replace(header, rng_version=version), f"rng_version {version}"
         else:
-            version = pick(rng, (0, 1, 2, 3, 255))
+            version = pick(rng, (0, 1, 2, 3, 4, 255))
             data = bytearray(pack_unchecked(header, sections, levels))
             data[4] = version
             return fix_crc(bytes(data)), f"header format_version byte {version}"
@@ -505,7 +710,10 @@ def splice(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[bytes,
     other = int(rng.integers(len(corpus.files)))
     foreign = corpus.parsed[other][1]
     name = corpus.files[other].name
-    op = pick(rng, ("replace", "replace", "replace", "all", "reverse", "duplicate", "drop", "insert"))
+    ops = ("replace", "replace", "replace", "all", "reverse", "duplicate", "drop", "insert")
+    op = pick(rng, ops + ("pixel layer",) * 3 if corpus.lossless else ops)
+    if op == "pixel layer":
+        return splice_pixel_layer(corpus, index, rng)
     if op == "replace":
         i, j = int(rng.integers(len(sections))), int(rng.integers(len(foreign)))
         out = list(sections)
@@ -531,6 +739,75 @@ def splice(corpus: Corpus, index: int, rng: np.random.Generator) -> tuple[bytes,
         return pack_rec(header, sections), "splice: no change (section count out of range)"
 
 
+LOSSLESS_SPLICES = ("layer swap", "latent for layer", "layer for latent", "same-size latents", "layer dropped")
+LOSSLESS_SPLICES += ("layer duplicated",)
+LOSSY_SPLICES = ("layer added", "layer added", "layer for latent")
+
+
+def _latent(corpus: Corpus, rng: np.random.Generator) -> tuple[bytes, str]:
+    """A latent section of any corpus file."""
+    j = int(rng.integers(len(corpus.files)))
+    header, sections = corpus.parsed[j]
+    k = int(rng.integers(len(sections) - header.lossless))
+    return sections[k], f"section {k + 1} of {corpus.files[j].name}"
+
+
+def splice_pixel_layer(
+    corpus: Corpus, index: int, rng: np.random.Generator, op: str | None = None
+) -> tuple[bytes, str]:
+    """The file `index` with pixel layers moved (`op` of LOSSLESS_SPLICES for a lossless file, of
+    LOSSY_SPLICES for a lossy one): another file's pixel layer (another size, β or image) in place of its
+    own or added to a lossy file under its header made lossless (of the same size half the time), a pixel
+    layer where a latent section should be and a latent section where the pixel layer should be, the
+    latents and header of a lossy file of the same size with this file's pixel layer, the layer dropped
+    or duplicated. A section count no header of this kind can hold is written unchecked."""
+    header, sections = corpus.parsed[index]
+    op = op or pick(rng, LOSSLESS_SPLICES if header.lossless else LOSSY_SPLICES)
+    same_size = [
+        j
+        for j in corpus.lossless
+        if corpus.parsed[j][0].height == header.height and corpus.parsed[j][0].width == header.width
+    ]
+    others = [j for j in corpus.lossless if j != index] or corpus.lossless
+    j = pick(rng, same_size) if same_size and op == "layer added" and rng.random() < 0.5 else pick(rng, others)
+    layer, name = corpus.parsed[j][1][-1], corpus.files[j].name
+    out = list(sections)
+    if op == "layer swap":
+        out[-1], what = layer, f"pixel layer <- that of {name}"
+    elif op == "layer added":
+        header, what = replace(header, lossless=True), f"lossless, pixel layer of {name} added"
+        out.append(layer)
+    elif op == "layer for latent":
+        i = int(rng.integers(len(sections) - header.lossless))
+        out[i], what = layer, f"section {i + 1} <- pixel layer of {name}"
+    elif op == "latent for layer":
+        out[-1], what = _latent(corpus, rng)
+        what = f"pixel layer <- {what}"
+    elif op == "same-size latents":
+        lossy = [
+            j
+            for j, (h, _) in enumerate(corpus.parsed)
+            if not h.lossless and (h.height, h.width, h.tile) == (header.height, header.width, header.tile)
+        ]
+        if not lossy:
+            out[-1], what = layer, f"pixel layer <- that of {name} (no lossy file of its size)"
+        else:
+            j = pick(rng, lossy)
+            other, latents = corpus.parsed[j]
+            what = f"latents of {corpus.files[j].name}"
+            if rng.random() < 0.5:
+                header, what = replace(other, lossless=True), f"header and {what}"
+            out, what = latents + [sections[-1]], f"{what} under this pixel layer"
+    elif op == "layer dropped":
+        out, what = sections[:-1], "pixel layer dropped, lossless kept"
+    else:
+        out, what = sections + [sections[-1]], "pixel layer duplicated"
+    try:
+        return pack_rec(header, out), f"splice: {what}"
+    except RecFormatError:
+        return pack_unchecked(header, out), f"splice: {what} (unchecked)"
+
+
 # ---- running cases ----------------------------------------------------------------------------------
 
 
@@ -544,20 +821,24 @@ class CaseResult:
     seconds: float = 0.0
     failed: bool = False
     detail: str = ""  # the error message
+    lossless: bool = False  # the source is a lossless file
 
 
 def make_case(corpus: Corpus, seed: int, index: int, kinds: tuple[str, ...]) -> tuple[str, int, bytes, str]:
     """(kind, source file, mutated bytes, description) of case `index`: deterministic in (seed, index)."""
     rng = np.random.default_rng([seed, index])
     kind = kinds[index % len(kinds)]
-    src = int(rng.integers(len(corpus.files)))
+    if corpus.lossless and rng.random() < LOSSLESS_SHARE:
+        src = pick(rng, corpus.lossless)
+    else:
+        src = int(rng.integers(len(corpus.files)))
     header, sections = corpus.parsed[src]
     if kind in ("raw", "recrc"):
         data, what = mutate(corpus.files[src].data, rng)
         if kind == "recrc":
             data = fix_crc(data)
     elif kind == "section":
-        out, what = mutate_section(sections, rng)
+        out, what = mutate_section(sections, rng, header.lossless)
         data = pack_rec(header, out)
     elif kind == "header":
         data, what = craft_header(corpus, src, rng)
@@ -603,7 +884,7 @@ def run_case(
     max_pixels: int | None = None,
 ) -> CaseResult:
     kind, src, data, what = make_case(corpus, seed, index, kinds)
-    result = CaseResult(index, kind, corpus.files[src].name, what, "")
+    result = CaseResult(index, kind, corpus.files[src].name, what, "", lossless=corpus.parsed[src][0].lossless)
     t0 = time.perf_counter()
     try:
         result.outcome, result.detail = _decode_outcome(data, corpus, kind, timeout_s, max_pixels or MAX_PIXELS)
@@ -632,6 +913,8 @@ class Report:
     cases_per_kind: Counter = field(default_factory=Counter)
     outcomes: dict = field(default_factory=dict)  # kind -> Counter of outcomes
     section_checks: Counter = field(default_factory=Counter)  # the coder's checks that fired, by message
+    pixel_layer_checks: Counter = field(default_factory=Counter)  # the pixel layer decoder's, by message
+    lossless_outcomes: dict = field(default_factory=dict)  # kind -> Counter of outcomes of lossless sources
     failures: list = field(default_factory=list)
     crashes: int = 0
     hangs: int = 0
@@ -643,7 +926,11 @@ class Report:
         self.cases += 1
         self.cases_per_kind[r.kind] += 1
         self.outcomes.setdefault(r.kind, Counter())[r.outcome] += 1
-        if r.outcome.startswith("RecFormatError:section"):
+        if r.lossless:
+            self.lossless_outcomes.setdefault(r.kind, Counter())[r.outcome] += 1
+        if "(pixel layer)" in r.detail.split(": ", 1)[0]:
+            self.pixel_layer_checks[_section_reason(r.detail)] += 1
+        elif r.outcome.startswith("RecFormatError:section"):
             self.section_checks[_section_reason(r.detail)] += 1
         if r.failed:
             self.crashes += r.outcome.startswith("crash")
@@ -660,6 +947,8 @@ class Report:
             "cases_per_kind": dict(self.cases_per_kind),
             "outcomes": {k: dict(sorted(c.items())) for k, c in self.outcomes.items()},
             "section_checks": dict(self.section_checks.most_common()),
+            "lossless_outcomes": {k: dict(sorted(c.items())) for k, c in self.lossless_outcomes.items()},
+            "pixel_layer_checks": dict(self.pixel_layer_checks.most_common()),
             "failures": self.failures[:50],
             "n_failures": len(self.failures),
             "crashes": self.crashes,
@@ -733,7 +1022,12 @@ def fuzz_supervised(
         while i < last:
             if not parent.poll(120.0 if not started else 2 * timeout_s + 10):
                 kind, src, _, what = make_case(corpus, seed, i, kinds)
-                report.add(CaseResult(i, kind, corpus.files[src].name, what, "hang (process killed)", failed=True))
+                lossless = corpus.parsed[src][0].lossless
+                report.add(
+                    CaseResult(
+                        i, kind, corpus.files[src].name, what, "hang (process killed)", failed=True, lossless=lossless
+                    )
+                )
                 proc.kill()
                 i += 1
                 break
@@ -743,7 +1037,8 @@ def fuzz_supervised(
                 proc.join()
                 kind, src, _, what = make_case(corpus, seed, i, kinds)
                 outcome = f"crash (exit code {proc.exitcode})"
-                report.add(CaseResult(i, kind, corpus.files[src].name, what, outcome, failed=True))
+                lossless = corpus.parsed[src][0].lossless
+                report.add(CaseResult(i, kind, corpus.files[src].name, what, outcome, failed=True, lossless=lossless))
                 i += 1
                 break
             if tag == "limit":

@@ -12,6 +12,7 @@ import textwrap
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,17 +20,26 @@ from codec.api import decompress
 from codec.bitstream import RecFormatError, pack_rec, unpack_rec
 from codec.header_params import params_from_header
 from scripts.fuzz_rec import (
+    LOSSLESS_CRAFTS,
+    LOSSLESS_SPLICES,
+    LOSSY_CRAFTS,
+    LOSSY_SPLICES,
+    PIXEL_OPS,
     STRUCTURED_KINDS,
+    PixelLayer,
     SectionParts,
     craft_header,
+    craft_lossless,
     fix_crc,
     fuzz,
     fuzz_supervised,
     make_case,
     make_corpus,
     mutate,
+    mutate_pixel_layer,
     pack_unchecked,
     splice,
+    splice_pixel_layer,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +72,7 @@ def test_corpus_files_are_valid_and_cover_models_coders_and_side_information(cor
         image, _ = decompress(f.data, corpus.store)
         assert image.shape == (header.height, header.width, 3)
         assert (header.beta_code is not None) == (f.model == "vbr")
-        rans_parts += sum(bool(SectionParts.split(s).rans) for s in sections)
+        rans_parts += sum(bool(SectionParts.split(s).rans) for s in sections[: len(sections) - header.lossless])
     assert rans_parts >= 2  # the sharpened models code rANS side information, not only raw bits
 
 
@@ -94,6 +104,7 @@ def test_section_mutations_with_recomputed_crcs_raise_only_a_section_error(corpu
     report = fuzz(corpus, 200, seed=3, kinds=("section",)).to_dict()
     assert all(k == "ok" or re.fullmatch(r"RecFormatError:section \d+", k) for k in report["outcomes"]["section"])
     assert report["outcomes"]["section"].get("RecFormatError:section 1", 0) > 50
+    assert len(report["pixel_layer_checks"]) >= 3  # lossless sources: their pixel layers are mutated too
 
     i = file_of(corpus, "pln-fast-70x90")
     header, sections = corpus.parsed[i]
@@ -214,3 +225,90 @@ def test_supervised_run_limits_memory_and_reports_every_case(corpus_dir):
     report = fuzz_supervised(folder, corpus, 60, seed=4, first=100).to_dict()
     assert report["cases"] == 60 and report["n_failures"] == 0
     assert report["memory_limit_bytes"] > 0
+
+
+# ---- lossless files -------------------------------------------------------------------------------
+
+
+def decode(corpus, data: bytes):
+    """("ok", image) or (the RecFormatError's field, its message); any other exception fails the test."""
+    try:
+        image, header = decompress(data, corpus.store)
+    except RecFormatError as e:
+        return e.field, str(e)
+    assert image.dtype == np.uint8 and image.shape == (header.height, header.width, 3)
+    return "ok", image
+
+
+def test_corpus_has_lossless_files_of_the_variable_rate_model_whose_pixel_layers_split_into_chunks(corpus):
+    names = {corpus.files[i].name for i in corpus.lossless}
+    assert names == {f"vbr-fast-{s}-lossless" for s in ("37x53", "1x1", "130x90", "150x200-tile64")}
+    for i in corpus.lossless:
+        header, sections = corpus.parsed[i]
+        assert header.format_version == 4 and corpus.files[i].model == "vbr"
+        layer = PixelLayer.split(sections[-1])
+        assert layer.join() == sections[-1] and not layer.tail
+        assert len(layer.chunks) == 6 * -(-header.height // 128)  # 130 rows: two strips
+        image = decode(corpus, corpus.files[i].data)[1]
+        assert zlib.crc32(image.tobytes()).to_bytes(4, "big") == layer.crc
+    assert corpus.parsed[file_of(corpus, "vbr-fast-150x200-tile64-lossless")][0].tile == 64
+    assert not any(header.lossless for i, (header, _) in enumerate(corpus.parsed) if i not in corpus.lossless)
+
+
+@pytest.mark.parametrize("name", ["vbr-fast-130x90-lossless", "vbr-fast-1x1-lossless"])
+def test_every_pixel_layer_mutation_ends_in_a_pixel_layer_error_or_the_encoders_pixels(corpus, name):
+    """Damaged CRCs, lying length fields, edited, cut, extended, dropped, duplicated and swapped chunks: the
+    decoder names the pixel layer, or (bytes it never reads) returns the pixels that pass the CRC."""
+    i = file_of(corpus, name)
+    header, sections = corpus.parsed[i]
+    original = decode(corpus, corpus.files[i].data)[1]
+    errors = set()
+    for op in dict.fromkeys(PIXEL_OPS):
+        for case in range(2):
+            layer, what = mutate_pixel_layer(sections[-1], np.random.default_rng([i, case]), op)
+            field, result = decode(corpus, pack_rec(header, sections[:-1] + [layer]))
+            if field == "ok":
+                assert np.array_equal(result, original), what
+            else:
+                assert field == f"section {len(sections)} (pixel layer)", (what, result)
+                errors.add(re.sub(r"\d+", "N", result.split(": ", 1)[1])[:40])
+    assert {"the decoded image fails the pixel layer'", "N unexpected bytes after the last stage"} <= errors
+    assert any(e.startswith("truncated") for e in errors)
+
+
+def test_crafted_version_4_headers_are_format_errors_unless_they_describe_a_valid_file(corpus):
+    """The lossless flag set without a pixel layer or cleared with one, format bytes 1-3 on a lossless file
+    and 4 on a lossy one, tile 0, crafted tilings and counts; a lossless file whose flag is cleared and
+    pixel layer dropped is its lossy file and decodes."""
+    outcomes = {}
+    for name in ("vbr-fast-130x90-lossless", "vbr-fast-150x200-tile64-lossless", "pln-fast-70x90", "vbr-fast-1x1"):
+        i = file_of(corpus, name)
+        header, sections = corpus.parsed[i]
+        for op in dict.fromkeys(LOSSLESS_CRAFTS if header.lossless else LOSSY_CRAFTS):
+            for case in range(3):
+                data, _ = craft_lossless(header, sections, np.random.default_rng([i, case]), op)
+                field, _ = decode(corpus, data)
+                outcomes.setdefault(op, set()).add(field if field == "ok" else "error")
+    assert outcomes["flag on"] == outcomes["flag off"] == outcomes["format byte"] == {"error"}
+    assert outcomes["count"] == {"error"}
+    assert "ok" in outcomes["flag off, layer dropped"]
+
+
+def test_spliced_pixel_layers_end_in_a_format_error_or_pixels_that_pass_the_crc(corpus):
+    """Pixel layers of other sizes and images, added to lossy files of other models, in place of latent
+    sections and the reverse, under a same-size lossy file's latents, dropped and duplicated."""
+    fields = {}
+    for name in ("vbr-fast-37x53-lossless", "vbr-fast-150x200-tile64-lossless", "pln-fast-70x90", "vbr-fast-1x1"):
+        i = file_of(corpus, name)
+        for op in dict.fromkeys(LOSSLESS_SPLICES if corpus.parsed[i][0].lossless else LOSSY_SPLICES):
+            for case in range(2):
+                data, what = splice_pixel_layer(corpus, i, np.random.default_rng([i, case]), op)
+                field, result = decode(corpus, data)
+                if field == "ok":
+                    layer = unpack_rec(data)[1][-1]
+                    assert zlib.crc32(result.tobytes()).to_bytes(4, "big") == layer[:4], what
+                fields.setdefault(op, set()).add(re.sub(r"\d+", "N", field))
+    assert fields["layer dropped"] == fields["layer duplicated"] == {"n_sections"}
+    assert fields["latent for layer"] == {"section N (pixel layer)"}
+    assert "pixel layer" in fields["layer added"]  # a PLN without a lossless head
+    assert fields["layer for latent"] <= {"section N (level N)"}
