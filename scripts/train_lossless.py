@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ from codec.rate import quality_beta
 from models import load_model, save_model
 from models.lossless import LosslessHead
 from training.data import list_images, read_training_image
+from training.run import hardware
 
 
 def make_pairs(model, files: list[Path], pairs: int, crop: int, qualities: list[int], seed: int) -> dict:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     head.meta = {
         "steps": step,
         "minutes": round(minutes, 1),
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, fp32",
+        "hardware": hardware(torch.device("cpu"), 1, bf16=False),
         "pairs": len(pairs["x"]),
         "crop": args.crop,
         "patch": args.patch,

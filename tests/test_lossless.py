@@ -239,3 +239,28 @@ def test_cli_lossless_refuses_a_bpp_target_and_a_model_without_a_head(cli):
     code, _, err = run("encode", tmp / "c.png", "--lossless", "--model", plain)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "has no lossless head" in err
     assert not (tmp / "c.rec").exists()
+
+
+# ---- training a head ------------------------------------------------------------------------------
+
+
+def test_train_lossless_adds_a_head_that_lowers_the_bits_and_keeps_the_networks(models, photo_dir, tmp_path):
+    from scripts import train_lossless
+
+    _, _, plain = models
+    argv = [f"--model={plain}", f"--data={photo_dir}", "--pairs=8", "--crop=64", "--patch=32", "--batch=4"]
+    argv += ["--minutes=0.1", "--channels=8", "--threads=1", f"--ckpt={tmp_path / 'head.pt'}", f"--out-dir={tmp_path}"]
+    assert train_lossless.main(argv) == 0
+    (written,) = [p for p in tmp_path.glob("pln-plain-*.pt") if p.name != plain.name]
+    trained, info = load_model(written)
+    before = load_model(plain)[0].state_dict()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())  # the networks unchanged
+    assert info["lossless"]["meta"]["steps"] > 0 and torch.equal(trained.lossless_head.cdfs, lossless.build_tables())
+    fresh = LosslessHead(8)  # where training starts: μ = x̂ and one scale everywhere
+    pairs = torch.load(tmp_path / "pairs.pt")
+    x, x_hat, beta = pairs["x"], pairs["x_hat"], pairs["beta"]
+    with torch.no_grad():
+        assert trained.lossless_head.nll_bits(x, x_hat, beta).sum() < fresh.nll_bits(x, x_hat, beta).sum()
+    image = photo(30, 40)
+    data, _, _ = code(written, image, lossless=True)
+    assert np.array_equal(decompress(data, ModelStore(dirs=[tmp_path]))[0], image)
