@@ -345,9 +345,10 @@ def cmd_models(args) -> int:
             )
             if d["train_kl_bpp"] is not None and d["train_psnr"] is not None:
                 trained += f"; on training crops {d['train_kl_bpp']:.3f} bpp, {d['train_psnr']:.1f} dB"
+        lossless = ", lossless head" if d["lossless"] else ""
         print(
             f"{d['name']}{' (default)' if d['default'] else ''}: {d['arch']} N={d['channels']}, "
-            f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}; {trained}"
+            f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}{lossless}; {trained}"
         )
     return 1 if failed else 0
 

@@ -82,6 +82,7 @@ def describe_model(path: Path) -> dict:
         "init_from": (record.get("init") or {}).get("from"),
         "train_kl_bpp": terms.get("kl_bpp"),
         "train_psnr": terms.get("psnr"),
+        "lossless": "lossless" in blob,  # carries a lossless head (encode --lossless)
     }
 
 

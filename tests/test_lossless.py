@@ -229,6 +229,19 @@ def test_cli_lossless_reports_the_default_quality_and_info_shows_the_pixel_layer
     assert info["sections"][-1] == {"level": 0, "pixel_layer": True, "bytes": rec["pixel_bytes"]}
 
 
+def test_models_says_which_files_carry_a_lossless_head(cli, models):
+    run, _, _ = cli
+    _, with_head, plain = models
+    code, out, _ = run("models")
+    lines = {line.split(":")[0].split(" ")[0]: line for line in out.splitlines()}
+    assert code == 0 and "lossless head" in lines[with_head.stem] and "lossless head" not in lines[plain.stem]
+    code, out, _ = run("models", "--json")
+    assert {json.loads(line)["name"]: json.loads(line)["lossless"] for line in out.splitlines()} == {
+        with_head.stem: True,
+        plain.stem: False,
+    }
+
+
 def test_cli_lossless_refuses_a_bpp_target_and_a_model_without_a_head(cli):
     run, tmp, plain = cli
     Image.fromarray(photo(45, 61)).save(tmp / "c.png")
