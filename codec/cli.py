@@ -96,7 +96,7 @@ def build_parser(prog: str = "rec-codec") -> argparse.ArgumentParser:
     enc.add_argument(
         "--lossless",
         action="store_true",
-        help="code the exact pixels: the latents, then the image given their decode (default quality 8)",
+        help="code the exact pixels: the latents, then the image given their decode (default quality 7)",
     )
     rate = enc.add_mutually_exclusive_group()
     rate.add_argument(

@@ -15,11 +15,11 @@ points: there a last-ulp difference between the encoder's and the decoder's netw
 count, another kernel) would pick different tables and desynchronise the stream. So the encoder
 flags, per subpixel, the parameters within MARGIN grid steps of such a midpoint, and both sides
 round a flagged parameter down. The decoder reads the flags instead of testing its own values, so
-any perturbation smaller than MARGIN grid steps (about 4 ulps of μ near 255, and more than 100 ulps
+any perturbation smaller than MARGIN grid steps (about 4 ulps of μ near 255, and 50 or more ulps
 of log s) decodes to the same pixels. The flags cost about 0.012 bits a subpixel.
 
 A larger difference (a file decoded on another device than the one that wrote it) can desynchronise
-the stream; the layer ends with the CRC32 of the image, and a mismatch raises LosslessMismatchError
+the stream; the layer carries the CRC32 of the image, and a mismatch raises LosslessMismatchError
 rather than returning wrong pixels.
 
 Layout of the section: u32 CRC32 of the (H, W, 3) uint8 image, then for each stage, for each strip
@@ -37,7 +37,7 @@ import torch
 from codec.entropy import PRECISION, RecDecodeError, pmf_to_quantized_cdf, rans_decoder, rans_encoder
 from models.lossless import STAGES, STRIP_HALO, LosslessHead, stage_mask
 
-DEFAULT_QUALITY = 8  # a variable-rate model's quality level for lossless files: the fewest bits in all
+DEFAULT_QUALITY = 7  # for lossless files: the fewest bits in all on training photos (results/lossless/)
 MEAN_STEPS = 4  # grid points per 8-bit level
 N_SCALES = 64
 S_MIN, S_MAX = 0.12, 64.0
@@ -46,7 +46,8 @@ SYMBOLS = 511  # k = x − centre in [−255, 255]
 OFFSET = -255
 MARGIN = 2.0**-12  # grid steps either side of a rounding midpoint that are flagged
 FLAG_TABLE = N_SCALES * MEAN_STEPS  # the flags' table follows the pixel tables
-STRIP = 128  # rows per strip of the stage networks (plus STRIP_HALO above and below)
+STRIP = 128  # rows per strip of the stage networks (plus STRIP_HALO above and below); STRIP and
+# STRIP_HALO are even, so every strip's context starts on an even row and keeps the image's checkerboard
 
 
 class LosslessMismatchError(RecDecodeError):

@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    store = model_store.ModelStore()
-    model, ref = store.load(model_store.find_model(args.model))
+    path = model_store.find_model(args.model)
+    store = model_store.ModelStore(model_path=path)  # decodes with this file, wherever it is
+    model, ref = store.load(path)
     if model.lossless_head is None:
         p.error(f"model {ref.name} has no lossless head")
     from codec.lossless import DEFAULT_QUALITY
