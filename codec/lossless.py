@@ -141,7 +141,7 @@ def encode_pixels(head: LosslessHead, image: np.ndarray, x_hat: np.ndarray, beta
     device = head.cdfs.device
     height, width, _ = image.shape
     x, xh = _as_tensor(image, device), _as_tensor(x_hat, device)
-    residual = torch.zeros(1, 3, height, width, device=device)
+    residual = torch.zeros(1, 3, height, width, dtype=torch.int16, device=device)  # x − x̂ where coded
     out = bytearray(zlib.crc32(np.ascontiguousarray(image).tobytes()).to_bytes(4, "big"))
     for stage in range(STAGES):
         c = stage % 3
@@ -156,7 +156,7 @@ def encode_pixels(head: LosslessHead, image: np.ndarray, x_hat: np.ndarray, beta
                 chunk = rans_encoder().encode_with_indexes(symbols.tolist(), indexes.tolist(), cdfs, lengths, offsets)
             out += len(chunk).to_bytes(4, "big") + chunk
         mask = stage_mask(stage, height, width, device)
-        residual[0, c][mask] = (x[0, c].float() - xh[0, c].float())[mask]
+        residual[0, c][mask] = (x[0, c].short() - xh[0, c].short())[mask]
     return bytes(out)
 
 
@@ -170,7 +170,7 @@ def decode_pixels(head: LosslessHead, data: bytes, x_hat: np.ndarray, beta: floa
     device = head.cdfs.device
     height, width, _ = x_hat.shape
     xh = _as_tensor(x_hat, device)
-    residual = torch.zeros(1, 3, height, width, device=device)
+    residual = torch.zeros(1, 3, height, width, dtype=torch.int16, device=device)
     image = np.zeros((height, width, 3), dtype=np.uint8)
     pos = 4
     if len(data) < pos:
@@ -205,7 +205,7 @@ def decode_pixels(head: LosslessHead, data: bytes, x_hat: np.ndarray, beta: floa
             rows[where] = pixels
             image[strip[0] : strip[1], :, c] = rows.reshape(strip[1] - strip[0], width)
         mask = stage_mask(stage, height, width, device)
-        got = torch.from_numpy(image[..., c]).to(device).float() - xh[0, c].float()
+        got = torch.from_numpy(image[..., c]).to(device).short() - xh[0, c].short()
         residual[0, c][mask] = got[mask]
     if pos != len(data):
         raise RecDecodeError(f"{len(data) - pos} unexpected bytes after the last stage")
