@@ -34,3 +34,26 @@ def photo_dir(tmp_path) -> Path:
         img += 0.05 * rng.standard_normal(img.shape)
         Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     return folder
+
+
+def offline_cli(monkeypatch, capsys, folder: Path, params):
+    """`run(*argv) -> (exit code, stdout, stderr)` of the rec-codec command with models only from
+    `folder` and every preset replaced by the small CoderParams `params` (fast enough for tiny models)."""
+    import compress
+    from codec import store as model_store
+    from codec.params import PRESETS, CoderParams
+
+    monkeypatch.setenv("REC_MODEL_DIR", str(folder))
+    monkeypatch.setattr(model_store, "REPO_WEIGHTS", folder / "no-such-folder")
+    real = CoderParams.preset.__func__
+    monkeypatch.setattr(
+        CoderParams, "preset", classmethod(lambda cls, name: params if name in PRESETS else real(cls, name))
+    )
+
+    def run(*argv):
+        code = compress.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+
+    return run

@@ -8,12 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import compress
+from conftest import offline_cli
 from codec import lossless
-from codec import store as model_store
 from codec.api import compress_image, decompress
 from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
-from codec.params import PRESETS, CoderParams, LevelParams
+from codec.params import CoderParams, LevelParams
 from codec.store import ModelRef, ModelStore
 from models import ModelConfig, build_model, load_model, save_model
 from models.lossless import LosslessHead
@@ -185,21 +184,8 @@ def test_lossy_files_keep_their_format_versions(models):
 
 @pytest.fixture
 def cli(models, monkeypatch, tmp_path, capsys):
-    folder, with_head, plain = models
-    monkeypatch.setenv("REC_MODEL_DIR", str(folder))
-    monkeypatch.setattr(model_store, "REPO_WEIGHTS", folder / "no-such-folder")
-    real = CoderParams.preset.__func__
-    monkeypatch.setattr(
-        CoderParams, "preset", classmethod(lambda cls, name: SMALL if name in PRESETS else real(cls, name))
-    )
-
-    def run(*argv):
-        code = compress.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err
-        return code, out, err
-
-    return run, tmp_path, plain
+    folder, _, plain = models
+    return offline_cli(monkeypatch, capsys, folder, SMALL), tmp_path, plain
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import compress
+from conftest import offline_cli
 import train
 from codec import store as model_store
 from codec.api import compress_image, decompress
@@ -204,21 +204,9 @@ def test_a_file_and_a_model_that_disagree_on_beta_are_a_format_error(vbr_dir):
 @pytest.fixture
 def cli(vbr_dir, monkeypatch, tmp_path, capsys):
     folder, vbr, fixed = vbr_dir
-    monkeypatch.setenv("REC_MODEL_DIR", str(folder))
-    monkeypatch.setattr(model_store, "REPO_WEIGHTS", folder / "no-such-folder")
-    real = CoderParams.preset.__func__
-    monkeypatch.setattr(
-        CoderParams, "preset", classmethod(lambda cls, name: SMALL if name in PRESETS else real(cls, name))
-    )
+    run = offline_cli(monkeypatch, capsys, folder, SMALL)
     src = tmp_path / "a.png"
     Image.fromarray(photo(160, 224)).save(src)
-
-    def run(*argv):
-        code = compress.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err
-        return code, out, err
-
     return run, src, tmp_path, fixed
 
 
