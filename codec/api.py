@@ -163,8 +163,8 @@ def compress_image(
             raise ValueError(f"model {model_ref.name} has no lossless head (scripts/train_lossless.py adds one)")
         if x.dtype != torch.uint8:
             raise ValueError("lossless coding needs 8-bit pixels: give a uint8 array or tensor")
-    if lossless and model.variable_rate and beta is None and quality is None:
-        quality = pixel_layer.DEFAULT_QUALITY
+        if model.variable_rate and beta is None and quality is None:
+            quality = pixel_layer.DEFAULT_QUALITY
     beta, beta_code = coding_beta(model, beta, quality)
     model = model.to(device).eval()
     grid = tiling.TileGrid.for_image(model, height, width, tile)
