@@ -89,7 +89,8 @@ def save_model(
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LatentVariableModel, dict]:
-    """Load an exported model file; returns (model in eval mode, the file's dict without weights)."""
+    """Load an exported model file; returns (model in eval mode, the file's dict without weights, plus
+    "weights_dtype": the stored networks' floating-point dtype)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a rec-codec model file (expected format {MODEL_FORMAT!r})")
@@ -100,4 +101,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         model.lossless_head.load_state_dict(blob["lossless"]["state_dict"])
         model.lossless_head.meta = blob["lossless"].get("meta", {})
     info = {k: v for k, v in blob.items() if k != "state_dict"}
+    info["weights_dtype"] = next((t.dtype for t in blob["state_dict"].values() if t.is_floating_point()), torch.float32)
     return model.to(device).eval(), info

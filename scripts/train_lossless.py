@@ -12,7 +12,8 @@
    as `<arch>-<tag>-<sha8>.pt` in `--out-dir` (a new SHA-256, so a new model id for .rec files).
 
 The pairs are cached in `--cache` (default: beside the checkpoint) and the head checkpointed to `--ckpt`,
-so a stopped run continues where it was with `--resume`.
+so a stopped run continues where it was with `--resume`. When the networks are retrained, `--init-head`
+starts from the head of the model file they replace: it has learned the same task on a similar x̂.
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def batch(pairs: dict, size: int, patch: int, gen: torch.Generator) -> tuple:
     return x, x_hat, (beta if (beta > 0).all() else None)
 
 
+def init_head(path: str, channels: int) -> LosslessHead:
+    """The lossless head of the model file at `path`, to start from."""
+    source, _ = load_model(path)
+    head = source.lossless_head
+    if head is None:
+        raise SystemExit(f"train_lossless: {path} has no lossless head to start from")
+    if head.channels != channels:
+        raise SystemExit(f"train_lossless: {path}'s head has {head.channels} channels, not --channels {channels}")
+    return head
+
+
 def save(path: Path, head, opt, step: int, minutes: float, log: list) -> None:
     state = {"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "minutes": minutes, "log": log}
     torch.save(state, path)
@@ -92,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", default="runs/lossless/head.pt")
     p.add_argument("--cache", help="the pairs' cache (default: pairs.pt beside --ckpt)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--init-head",
+        metavar="MODEL",
+        help="start from the lossless head of this model file (e.g. the one the retrained networks replace)",
+    )
     p.add_argument("--out-dir", default="weights")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -107,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(pairs, cache)
         print(f"{len(pairs['x'])} pairs in {time.perf_counter() - t0:.0f} s -> {cache}", file=sys.stderr)
 
-    head = LosslessHead(args.channels)
+    head = init_head(args.init_head, args.channels) if args.init_head else LosslessHead(args.channels)
+    init_meta = dict(head.meta) if args.init_head else None
     opt = torch.optim.Adam(head.parameters(), lr=args.lr)
     step, minutes_before, log = 0, 0.0, []
     if args.resume and ckpt.is_file():
@@ -151,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data,
         "final_bits_per_subpixel": log[-1]["bits_per_subpixel"] if log else None,
     }
+    if init_meta is not None:  # how the head it started from was trained (on other networks)
+        head.meta["init_from"] = {"model": Path(args.init_head).name, **init_meta}
     model.lossless_head = head
-    stored = torch.load(args.model, weights_only=True)["state_dict"].values()
-    dtype = next(t.dtype for t in stored if t.is_floating_point())  # the networks keep their file's precision
-    path = save_model(model, args.out_dir, info["tag"], dtype, meta=info["meta"])
+    path = save_model(model, args.out_dir, info["tag"], info["weights_dtype"], meta=info["meta"])
     print(path)
     return 0
 

@@ -263,3 +263,20 @@ def test_train_lossless_adds_a_head_that_lowers_the_bits_and_keeps_the_networks(
     image = photo(30, 40)
     data, _, _ = code(written, image, lossless=True)
     assert np.array_equal(decompress(data, ModelStore(dirs=[tmp_path]))[0], image)
+
+
+def test_train_lossless_init_head_starts_from_another_files_head_and_records_it(models, photo_dir, tmp_path):
+    from scripts import train_lossless
+
+    _, with_head, plain = models
+    argv = [f"--model={plain}", f"--data={photo_dir}", "--pairs=4", "--crop=64", "--patch=32", "--batch=4"]
+    argv += ["--channels=8", "--threads=1", f"--ckpt={tmp_path / 'head.pt'}", f"--out-dir={tmp_path}"]
+    assert train_lossless.main([*argv, "--minutes=0", f"--init-head={with_head}"]) == 0  # no step: the head as given
+    (written,) = [p for p in tmp_path.glob("pln-plain-*.pt") if p.name != plain.name]
+    trained, info = load_model(written)
+    given = load_model(with_head)[0].lossless_head.state_dict()
+    assert all(torch.equal(v, trained.lossless_head.state_dict()[k]) for k, v in given.items())
+    assert info["lossless"]["meta"]["init_from"]["model"] == with_head.name
+    assert info["weights_dtype"] == torch.float32
+    with pytest.raises(SystemExit, match=f"{plain.name} has no lossless head to start from"):
+        train_lossless.main([*argv, "--minutes=0", f"--init-head={plain}"])
