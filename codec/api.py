@@ -21,7 +21,6 @@ is its pixels and its coded latents (about 2 bytes a pixel for the thesis-size P
 """
 
 import time
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -31,6 +30,7 @@ from codec import lossless as pixel_layer
 from codec import tiling
 from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_code, pack_rec, unpack_rec
 from codec.entropy import RecDecodeError
+from codec.image import image_pixels
 from codec.header_params import params_from_header, params_to_bytes
 from codec.level import decode_level, encode_level
 from codec.params import PRESETS, CoderParams
@@ -59,21 +59,6 @@ def _check_size(height: int, width: int, max_pixels: int) -> None:
             f"image is {width}x{height} = {height * width} pixels, above the "
             f"limit of {max_pixels} (raise max_pixels to code it)"
         )
-
-
-def image_pixels(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """An (H, W, 3) uint8 array, or a (1|-, 3, H, W) tensor (uint8, or float in [0, 1]), as a (1, 3, H, W)
-    tensor: uint8 stays uint8 (a view of the array; the networks convert one tile at a time), else float."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
-        with warnings.catch_warnings():  # a read-only array (np.asarray of a PIL image) is only ever read
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-    x = image if image.ndim == 4 else image[None]
-    if x.shape[0] != 1 or x.shape[1] != 3:
-        raise ValueError(f"expected a (1, 3, H, W) tensor, got {tuple(image.shape)}")
-    return x if x.dtype == torch.uint8 else x.float()
 
 
 def coding_beta(

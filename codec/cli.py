@@ -30,7 +30,7 @@ from pathlib import Path
 
 from codec.params import PRESETS
 from codec.cli_jobs import UsageError, describe_error, plan, run_jobs, say
-from codec.image import IMAGE_EXTS
+from codec.image import IMAGE_EXTS, image_pixels
 from codec.metrics import psnr
 
 
@@ -189,7 +189,7 @@ def cmd_encode(args) -> int:
         if args.bpp is None:
             data, x_hat, stats = compress(beta)
         else:
-            image = api.image_pixels(x).to(args.device)
+            image = image_pixels(x).to(args.device)
             data, x_hat, stats = compress_to_bpp(compress, model.to(args.device), image, args.bpp, tile=tile)
             miss = stats["bpp"] / args.bpp - 1
             if abs(miss) > BPP_TOLERANCE:

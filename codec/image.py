@@ -117,3 +117,18 @@ def png_bytes(x: np.ndarray) -> bytes:
 def save_png(x: np.ndarray, path: str | os.PathLike) -> None:
     """Write an (H, W, 3) uint8 image as PNG via a temporary file and a rename."""
     write_atomic(path, png_bytes(x))
+
+
+def image_pixels(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An (H, W, 3) uint8 array, or a (1|-, 3, H, W) tensor (uint8, or float in [0, 1]), as a (1, 3, H, W)
+    tensor: uint8 stays uint8 (a view of the array; the networks convert one tile at a time), else float."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+        with warnings.catch_warnings():  # a read-only array (np.asarray of a PIL image) is only ever read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    x = image if image.ndim == 4 else image[None]
+    if x.shape[0] != 1 or x.shape[1] != 3:
+        raise ValueError(f"expected a (1, 3, H, W) tensor, got {tuple(image.shape)}")
+    return x if x.dtype == torch.uint8 else x.float()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from codec.entropy import PRECISION, RecDecodeError, pmf_to_quantized_cdf, rans_decoder, rans_encoder
+from codec.image import image_pixels
 from models.lossless import STAGES, STRIP_HALO, LosslessHead, stage_mask
 
 DEFAULT_QUALITY = 7  # for lossless files: the fewest bits in all on training photos (results/lossless/)
@@ -127,10 +128,6 @@ def _chunk_params(head, stage, strip, x_hat, residual, beta) -> tuple[np.ndarray
     return where.cpu().numpy(), loc, log_scale
 
 
-def _as_tensor(image: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
-
-
 @torch.inference_mode()
 def encode_pixels(head: LosslessHead, image: np.ndarray, x_hat: np.ndarray, beta: float | None) -> bytes:
     """The pixel layer of `image` (H, W, 3) uint8 given the lossy decode `x_hat` (H, W, 3) uint8.
@@ -140,7 +137,7 @@ def encode_pixels(head: LosslessHead, image: np.ndarray, x_hat: np.ndarray, beta
     cdfs, lengths, offsets = _tables(head)
     device = head.cdfs.device
     height, width, _ = image.shape
-    x, xh = _as_tensor(image, device), _as_tensor(x_hat, device)
+    x, xh = image_pixels(image).to(device), image_pixels(x_hat).to(device)
     residual = torch.zeros(1, 3, height, width, dtype=torch.int16, device=device)  # x − x̂ where coded
     out = bytearray(zlib.crc32(np.ascontiguousarray(image).tobytes()).to_bytes(4, "big"))
     for stage in range(STAGES):
@@ -169,7 +166,7 @@ def decode_pixels(head: LosslessHead, data: bytes, x_hat: np.ndarray, beta: floa
     cdfs, lengths, offsets = _tables(head)
     device = head.cdfs.device
     height, width, _ = x_hat.shape
-    xh = _as_tensor(x_hat, device)
+    xh = image_pixels(x_hat).to(device)
     residual = torch.zeros(1, 3, height, width, dtype=torch.int16, device=device)
     image = np.zeros((height, width, 3), dtype=np.uint8)
     pos = 4

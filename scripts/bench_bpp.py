@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from codec import api, store as model_store
 from codec.params import PRESETS
+from codec.image import image_pixels
 from codec.rate import BPP_TOLERANCE, compress_to_bpp
 from scripts.rd_common import find_images, load_rgb, write_results
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     images = find_images(Path(args.data))[: args.limit]
     for path in tqdm(images, file=sys.stderr, unit="img"):
         img = load_rgb(path)
-        x = api.image_pixels(img)
+        x = image_pixels(img)
         for target in args.target:
             t0 = time.perf_counter()
             data, _, stats = compress_to_bpp(
