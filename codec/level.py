@@ -12,6 +12,9 @@ ceil(KL_g + t) bits, 2^L_g candidates; greedy: S_g = ceil((KL_g + margin) / b) s
 L_b = floor(KL_b - (b - t)) bin bits), and is sent as side information; otherwise every group
 costs B bits / S steps (the thesis code).
 
+How a group becomes an index and back is the sampler family's (codec/group_coders.py): the greedy
+walk's S_g indices of b bits, the importance sampler's one index of L_g bits, or, below, the block
+coders' and the rejection sampler's own rANS field and raw payload.
 The block coders of codec/pfr.py (samplers pfr, orc, sp-pfr, sp-orc) code each group as one
 block, keyed by its group number: one more rANS field holds floor(log2 k) of each block's index
 k, and the raw bits end with the blocks' bin tuples (sp-*: L_b bits each, spread evenly over the
@@ -28,7 +31,6 @@ the raw bits end with K's mantissas and then the fallback dims' 16-bit quantised
     small fields, mantissas, outlier values, indices) | u32 CRC32 of everything before
 """
 
-import math
 import struct
 import time
 import zlib
@@ -36,7 +38,7 @@ import zlib
 import numpy as np
 import torch
 
-from codec import greedy, importance, pfr, rejection, rng
+from codec import rng
 from codec.entropy import (
     BitReader,
     BitWriter,
@@ -46,25 +48,14 @@ from codec.entropy import (
     encode_fields,
     unbucketize,
 )
+from codec.group_coders import OUTLIER_BITS_Q, dequantise, group_coder, quantised_draw
 from codec.params import SAMPLERS, CoderParams, LevelParams
-from codec.plan import check_dims, choose_shard_decay, greedy_walk, plan_level, walk_settings
+from codec.plan import check_dims, plan_level
 
 SECTION_FORMAT_VERSION = 2  # of a level section (codec/bitstream.py has the container's FORMAT_VERSION)
-OUTLIER_BITS_Q = 16
 _SAMPLER_IDS = {name: i + 1 for i, name in enumerate(SAMPLERS)}  # greedy 1, importance 2, then pfr.METHODS
 _LONG = rng.GROUP_BITS + 1  # bit lengths of run lengths and gaps (a level has < 2^28 dims)
 _DIRECT_ALPHABET = 64  # group sizes up to this are rANS symbols; larger ones are bucketed
-
-
-def _quantised_draw(m, v, dims: torch.Tensor, range_: float, *, seed: int, level: int) -> torch.Tensor:
-    """A private posterior draw for each of `dims`, quantised to OUTLIER_BITS_Q bits on [-R, R]."""
-    draw = m + v.sqrt() * rng.outlier_normals(seed, level, dims).double()
-    return torch.round((draw.clamp(-range_, range_) + range_) / (2 * range_) * ((1 << OUTLIER_BITS_Q) - 1)).long()
-
-
-def _dequantise(q: torch.Tensor, rng_: float) -> torch.Tensor:
-    step = 2.0 * rng_ / ((1 << OUTLIER_BITS_Q) - 1)
-    return (q.double() * step - rng_).float()
 
 
 def _varint(n: int) -> bytes:
@@ -123,17 +114,10 @@ def encode_level(
     t0 = time.perf_counter()
     lp = params.for_level(level)
     plan = plan_level(q_loc, q_scale, p_loc, p_scale, lp)
-    table = None
-    if lp.sampler == "greedy":
-        most_blocks = int(-(-plan.sizes.max() // params.pool_width)) if plan.sizes.size else 1
-        table = greedy.pool_table(
-            seed, level, lp.index_bits, min(params.pool_windows, most_blocks) * params.pool_width, plan.m.device
-        )
-        if choose_decay:
-            params = params.with_level(
-                level, shard_decay=choose_shard_decay(plan, lp, params, table, seed=seed, level=level)
-            )
-            lp = params.for_level(level)
+    coder = group_coder(lp.sampler)
+    coded = coder.encode(plan, lp, params, seed=seed, level=level, choose_decay=choose_decay)
+    params = coded.params  # greedy: with the shard decay it chose
+    lp = params.for_level(level)
     m, v, sizes, lens, out_pos, zero_pos, cod_pos = (
         plan.m,
         plan.v,
@@ -146,49 +130,11 @@ def encode_level(
     seg_sizes, seg_zero = plan.seg_sizes, plan.seg_zero
     n, device = m.numel(), m.device
     eps = torch.empty(n, dtype=torch.float32, device=device)
-
     # outliers: a private posterior draw, quantised; the encoder keeps what the decoder sees
-    q = _quantised_draw(m[out_pos], v[out_pos], out_pos, params.outlier_range, seed=seed, level=level)
-    eps[out_pos] = _dequantise(q, params.outlier_range)
+    q = quantised_draw(m[out_pos], v[out_pos], out_pos, params.outlier_range, seed=seed, level=level)
+    eps[out_pos] = dequantise(q, params.outlier_range)
     eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
-
-    if lp.sampler == "greedy":
-        idx, x = greedy_walk(
-            m[cod_pos], v[cod_pos], sizes, lens, lp, params, lp.shard_decay, table, seed=seed, level=level
-        )
-        steps_np = np.full(len(sizes), lp.steps) if lens is None else lens
-        used = np.arange(lp.steps)[None, :] < steps_np[:, None]
-        idx_np = idx.cpu().numpy()[used]
-        widths = lp.index_bits
-    elif lp.sampler in pfr.METHODS:
-        x, block_fields, block_stats = _code_blocks(m[cod_pos], v[cod_pos], sizes, lens, lp, params, seed, level)
-    elif lp.sampler == "rejection":
-        x, block_fields, block_stats = _code_rejection(m[cod_pos], v[cod_pos], cod_pos, lp, params, seed, level)
-    else:
-        if lens is None:
-            n_cand = torch.exp(plan.group_kl + lp.oversample_bits * math.log(2)).ceil()
-            widths = lp.index_bits
-        else:
-            n_cand = torch.exp2(torch.from_numpy(lens).to(device).double())
-            widths = lens
-        n_cand = n_cand.clamp(1, 1 << lp.index_bits).long()
-        idx, x = importance.encode(
-            m[cod_pos],
-            v[cod_pos],
-            torch.from_numpy(sizes).to(device),
-            n_cand,
-            seed=seed,
-            level=level,
-            bits=lp.index_bits,
-            width=lp.pool_width,
-            memory_bytes=params.memory_bytes(device),
-            gemm_dtype=params.gemm_torch_dtype,
-            sample=lp.selection == "sample",
-        )
-        idx_np = idx.cpu().numpy()
-    if lp.sampler in pfr.METHODS or lp.sampler == "rejection":  # floor(log2 k) in the rANS fields
-        buckets, idx_np, widths = block_fields
-    eps[cod_pos] = x
+    eps[cod_pos] = coded.x
 
     bits = BitWriter()
     len_sym, len_alphabet = _length_symbols(lens, seg_zero, lp)
@@ -198,17 +144,15 @@ def encode_level(
     gaps = torch.diff(out_pos, prepend=out_pos.new_tensor([-1])).cpu().numpy()
     gap_sym, gap_mant, gap_w = bucketize(gaps, 0)
     fields = [(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG), (gap_sym, _LONG)]
-    if lp.sampler in pfr.METHODS:
-        fields.append((buckets, pfr.INDEX_ALPHABET))
-    elif lp.sampler == "rejection":
-        fields.append((buckets, rejection.index_alphabet(lp.index_bits)))
+    if coder.index_alphabet(lp) is not None:
+        fields.append((coded.own_field, coder.index_alphabet(lp)))
     rans = encode_fields(fields, bits)
     bits.write(size_mant, size_w)
     bits.write(zl_mant, zl_w)
     bits.write(gap_mant, gap_w)
     bits.write(q.cpu().numpy(), OUTLIER_BITS_Q)
     side_bits = bits.n_bits
-    bits.write(idx_np.reshape(-1), widths)
+    bits.write(coded.values.reshape(-1), coded.widths)
     index_bits = bits.n_bits - side_bits
     head = struct.pack(">BBH", SECTION_FORMAT_VERSION, _SAMPLER_IDS[lp.sampler], _check(params, level))
     head += _varint(len(seg_sizes)) + _varint(int(seg_zero.sum())) + _varint(out_pos.numel()) + _varint(len(rans))
@@ -233,72 +177,13 @@ def encode_level(
         n_zero_runs=int(seg_zero.sum()),
         n_zero_dims=int(zero_pos.numel()),
         zero_kl_bits=float(kl_bits[plan.inl_np][plan.seg_dim_zero].sum()),
-        shard_decay=lp.shard_decay if lp.sampler == "greedy" else None,
+        shard_decay=None,
         rans_bytes=len(rans),
         raw_side_bits=side_bits,
         seconds=time.perf_counter() - t0,
     )
-    if lp.sampler in pfr.METHODS or lp.sampler == "rejection":
-        stats.update(block_stats)
+    stats.update(coded.stats)  # greedy: its shard decay; block coders and rejection: their search
     return sample, data, stats
-
-
-def _block_layout(sizes: np.ndarray, lens, lp: LevelParams, device) -> pfr.BlockLayout:
-    """The groups as pfr blocks; sp-* blocks' L_b bin bits spread evenly over their dims."""
-    sizes_t = torch.from_numpy(sizes).to(device)
-    bins = None if lens is None else pfr.spread_bin_bits(sizes_t, torch.from_numpy(lens).to(device), device)
-    return pfr.make_layout(sizes_t, bins, device)
-
-
-def _code_blocks(m, v, sizes: np.ndarray, lens, lp: LevelParams, params: CoderParams, seed: int, level: int):
-    """The coded groups by a pfr block coder: (sample, (buckets, raw values, raw widths), stats)."""
-    device = m.device
-    if not sizes.size:  # every dim an outlier or in a zero run
-        empty = np.zeros(0, dtype=np.int64)
-        stats = dict(mean_steps=0.0, max_steps=0, capped_blocks=0, bounded_dims=0, bin_bits=0)
-        return m.float(), (empty, empty, empty), stats
-    lay = _block_layout(sizes, lens, lp, device)
-    exact = lp.sampler in pfr.EXACT_METHODS
-    target_v = pfr.bounded_target(m, v) if exact else v
-    x, keys, ks, st = pfr.code_blocks(
-        m,
-        target_v,
-        lay,
-        seed=seed,
-        method=lp.sampler,
-        level=level,
-        budget=None if exact else 1 << lp.index_bits,
-        max_steps=1 << lp.index_bits,
-        memory_elems=params.memory_bytes(device) // 64,  # ~8 float64 temporaries per candidate-dim
-    )
-    buckets, mantissas, widths = bucketize(ks.cpu().numpy(), 0)
-    key_widths = lay.block_bin_bits.cpu().numpy()
-    values = np.concatenate([keys.cpu().numpy(), mantissas])
-    stats = dict(
-        mean_steps=float(st["steps"].double().mean()),
-        max_steps=int(st["steps"].max()),
-        capped_blocks=int(st["capped"].sum()),
-        bounded_dims=int((target_v < v).sum()),
-        bin_bits=int(key_widths.sum()),
-    )
-    return x, (buckets, values, np.concatenate([key_widths, widths])), stats
-
-
-def _code_rejection(m, v, dims, lp: LevelParams, params: CoderParams, seed: int, level: int):
-    """The coded dims by the rejection sampler: (sample, (buckets, raw values, raw widths), stats).
-
-    Dims that accept nothing within 2^index_bits rounds fall back to a 16-bit quantised posterior
-    draw, as outliers do (they are coded dims, never outliers, so their draws are distinct)."""
-    ks, x, rounds = rejection.encode(m, v, dims, seed=seed, level=level, budget_bits=lp.index_bits)
-    fallback = ks == 0
-    q = _quantised_draw(m[fallback], v[fallback], dims[fallback], params.outlier_range, seed=seed, level=level)
-    x[fallback] = _dequantise(q, params.outlier_range)
-    ks_np = ks.cpu().numpy()
-    buckets, mantissas, widths = rejection.index_fields(ks_np)
-    values = np.concatenate([mantissas, q.cpu().numpy()])
-    widths = np.concatenate([widths, np.full(q.numel(), OUTLIER_BITS_Q)])
-    stats = dict(coded_dims=int(ks_np.size), fallbacks=int(fallback.sum()), rounds=rounds)
-    return x, (buckets, values, widths), stats
 
 
 def _length_symbols(lens, seg_zero: np.ndarray, lp: LevelParams) -> tuple[np.ndarray, int]:
@@ -308,16 +193,12 @@ def _length_symbols(lens, seg_zero: np.ndarray, lp: LevelParams) -> tuple[np.nda
     if lens is None:
         sym[~seg_zero] = 1
         return sym, 2
-    sym[~seg_zero] = lens if lp.sampler == "greedy" else lens + 1
+    sym[~seg_zero] = lens + group_coder(lp.sampler).length_offset
     return sym, _length_alphabet(lp)
 
 
 def _length_alphabet(lp: LevelParams) -> int:
-    if not lp.adaptive:
-        return 2
-    if lp.sampler in pfr.METHODS:
-        return pfr.MAX_BIN_BITS_PER_BLOCK + 2
-    return lp.index_bits + 2 if lp.sampler == "importance" else lp.steps + 1
+    return group_coder(lp.sampler).length_alphabet(lp) if lp.adaptive else 2
 
 
 def _destandardise(eps: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
@@ -355,12 +236,11 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
         raise RecDecodeError(f"level {level}: side information truncated")
     bits = BitReader(body[pos + n_rans :])
     size_alphabet, direct = _size_field(lp)
+    coder = group_coder(lp.sampler)
     fields = [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG), (n_out, _LONG)]
-    if lp.sampler in pfr.METHODS:
-        fields.append((n_groups, pfr.INDEX_ALPHABET))
-    elif lp.sampler == "rejection":
-        fields.append((n_groups, rejection.index_alphabet(lp.index_bits)))
-    len_sym, size_sym, zl_sym, gap_sym, *block_sym = decode_fields(body[pos : pos + n_rans], fields, bits)
+    if coder.index_alphabet(lp) is not None:
+        fields.append((n_groups, coder.index_alphabet(lp)))
+    len_sym, size_sym, zl_sym, gap_sym, *own_field = decode_fields(body[pos : pos + n_rans], fields, bits)
     seg_zero = len_sym == 0
     if int(seg_zero.sum()) != n_zero:
         raise RecDecodeError(f"level {level}: zero-run count mismatch")
@@ -368,19 +248,8 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
     zero_len = unbucketize(zl_sym, bits, False)
     gaps = unbucketize(gap_sym, bits, False)
     q = torch.from_numpy(bits.read(n_out, OUTLIER_BITS_Q).astype(np.int64))
-    lens = len_sym[~seg_zero] - (0 if lp.sampler == "greedy" else 1)
-    if lp.sampler in pfr.METHODS:
-        idx = _read_block_indices(bits, block_sym[0], sizes, lens if lp.adaptive else None, level)
-    elif lp.sampler == "rejection":
-        idx = rejection.read_indices(block_sym[0], bits, lp.index_bits, level)
-        fallback_q = torch.from_numpy(bits.read(int((idx == 0).sum()), OUTLIER_BITS_Q).astype(np.int64))
-    elif lp.sampler == "greedy":
-        steps_np = lens if lp.adaptive else np.full(n_groups, lp.steps, dtype=np.int64)
-        flat = bits.read(int(steps_np.sum()), lp.index_bits).astype(np.int64)
-        idx = np.zeros((n_groups, lp.steps), dtype=np.int64)
-        idx[np.arange(lp.steps)[None, :] < steps_np[:, None]] = flat
-    else:
-        idx = bits.read(n_groups, lens if lp.adaptive else lp.index_bits).astype(np.int64)
+    lens = len_sym[~seg_zero] - coder.length_offset
+    payload = coder.read(bits, own_field[0] if own_field else None, sizes, lens, lp, level)
     bits.finish()
     out_pos = np.cumsum(gaps) - 1
     if sizes.size and (sizes.min() < 1 or sizes.max() > lp.max_group_size):
@@ -398,45 +267,7 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
     seg_dim_zero = torch.from_numpy(np.repeat(seg_zero, seg_sizes)).to(device)
     zero_pos, cod_pos = inl_pos[seg_dim_zero], inl_pos[~seg_dim_zero]
     eps = torch.empty(n, dtype=torch.float32, device=device)
-    eps[out_t] = _dequantise(q.to(device), params.outlier_range)
+    eps[out_t] = dequantise(q.to(device), params.outlier_range)
     eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
-    sizes_t = torch.from_numpy(sizes).to(device)
-    idx_t = torch.from_numpy(idx).to(device)
-    if lp.sampler == "greedy":
-        eps[cod_pos] = greedy.decode(
-            idx_t,
-            sizes_t,
-            **walk_settings(lp, params, seed=seed, level=level),
-            group_steps=torch.from_numpy(steps_np).to(device),
-            decay=lp.shard_decay,
-        )
-    elif lp.sampler in pfr.METHODS:
-        if sizes.size:
-            lay = _block_layout(sizes, lens if lp.adaptive else None, lp, device)
-            eps[cod_pos] = pfr.regenerate(seed, level, lay, idx_t[0], idx_t[1])
-    elif lp.sampler == "rejection":
-        hit = idx_t > 0
-        eps[cod_pos[hit]] = rejection.decode(idx_t[hit], cod_pos[hit], seed=seed, level=level)
-        eps[cod_pos[~hit]] = _dequantise(fallback_q.to(device), params.outlier_range)
-    else:
-        eps[cod_pos] = importance.decode(
-            idx_t, sizes_t, seed=seed, level=level, bits=lp.index_bits, width=lp.pool_width
-        )
+    eps[cod_pos] = coder.decode(payload, sizes, lens, cod_pos, lp, params, seed=seed, level=level)
     return _destandardise(eps, p_loc, p_scale)
-
-
-def _read_block_indices(bits: BitReader, buckets: np.ndarray, sizes: np.ndarray, lens, level: int) -> np.ndarray:
-    """(2, n_blocks): the blocks' bin tuples and indices k, checked before any candidate is hashed."""
-    n_blocks = buckets.size
-    if n_blocks > pfr.MAX_BLOCKS:
-        raise RecDecodeError(f"level {level}: {n_blocks} blocks, above {pfr.MAX_BLOCKS}")
-    key_bits = np.zeros(n_blocks, dtype=np.int64) if lens is None else lens
-    if n_blocks and (
-        key_bits.max() > pfr.MAX_BIN_BITS_PER_BLOCK or (key_bits > sizes * pfr.MAX_BIN_BITS_PER_DIM).any()
-    ):
-        raise RecDecodeError(f"level {level}: more bin bits than a block can hold")
-    keys = bits.read(n_blocks, key_bits).astype(np.int64)
-    ks = unbucketize(buckets, bits, False)
-    if n_blocks and ks.max() >= pfr.MAX_INDEX:
-        raise RecDecodeError(f"level {level}: block index out of range")
-    return np.stack([keys, ks])

@@ -21,7 +21,6 @@ from codec import pfr
 from codec.api import compress_image, decompress
 from codec.bitstream import RecFormatError, pack_rec, unpack_rec
 from codec.entropy import RecDecodeError
-from codec import level as level_mod
 from codec.level import decode_level, encode_level
 from codec.params import REGISTERED_FORMATS, CoderParams, registered_id
 from codec.store import ModelStore
@@ -164,14 +163,15 @@ def test_corrupted_or_truncated_sections_raise_rec_decode_error(name):
 
 def test_block_index_past_the_counter_is_refused_before_hashing():
     from codec.entropy import BitReader, BitWriter
+    from codec.group_coders import Blocks
 
     w = BitWriter()
     w.write([1, 5], [40, 29])  # a bin key, then the mantissa of a k with floor(log2 k) = 29
-    reader = BitReader(w.getvalue())
+    blocks, lp = Blocks(), CoderParams.preset("sp-pfr").for_level(1)
     with pytest.raises(RecDecodeError, match="out of range"):
-        level_mod._read_block_indices(reader, np.array([29]), np.array([2]), np.array([40]), 1)
+        blocks.read(BitReader(w.getvalue()), np.array([29]), np.array([2]), np.array([40]), lp, 1)
     with pytest.raises(RecDecodeError, match="bin bits"):
-        level_mod._read_block_indices(BitReader(w.getvalue()), np.array([1]), np.array([1]), np.array([21]), 1)
+        blocks.read(BitReader(w.getvalue()), np.array([1]), np.array([1]), np.array([21]), lp, 1)
 
 
 # ---- whole .rec files ------------------------------------------------------------------------------
