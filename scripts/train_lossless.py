@@ -1,7 +1,7 @@
 """Train the lossless head of a model file and write the model file with the head added.
 
-    python -m scripts.train_lossless --model weights/pln-vbr-a3e93acd.pt \\
-        --data ../shared/data/photos:../shared/data/photos-extra --minutes 30 --out-dir weights
+    python -m scripts.train_lossless --model EXPORT.pt --init-head weights/pln-vbr-929fe90f.pt \\
+        --data ../shared/data/photos:../shared/data/photos-extra --minutes 20 --out-dir weights
 
 1. Pairs: `--pairs` random crops of `--crop` pixels a side from the training images, each with its
    lossy decode by the frozen model (x̂ of a posterior sample, as the coder sends one, rounded to
