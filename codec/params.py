@@ -205,7 +205,7 @@ IREC_L2 = IREC_L1.replace(margin_nats=0.5, outlier_bits=18.0, zero_run=384)
 #   bin tuple, 2^10 candidates for the rest.
 # - sp-pfr: space-partitioned PFR over 12-bit blocks of <= 8 dims, all but 6 bits in the bin tuple,
 #   searched for up to 2^12 arrivals: with the bins spread evenly over a block's dims (all the decoder
-#   knows) the search is longer than plain PFR's, and blocks that reach the cap are not exact.
+#   knows) many searches run long, and blocks that reach the cap are not exact.
 PFR_L = LevelParams("pfr", 16, 1, 8, 0.0, 12.0, oversample_bits=10.0, adaptive=False, zero_run=1024)
 ORC_L = LevelParams("orc", 10, 1, 255, 0.0, 8.0, oversample_bits=2.0, adaptive=False, zero_run=1024)
 SP_PFR_L = LevelParams("sp-pfr", 12, 2, 8, 0.0, 24.0, oversample_bits=6.0, zero_run=1024)

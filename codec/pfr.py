@@ -18,18 +18,22 @@ the encoder picks one, and only its index is sent. Four methods share one search
 * **sp-pfr / sp-orc** (space partitioning, He, Flamich & Hernandez-Lobato 2024). Dim d of a block
   is cut into J_d = 2^l_d intervals of equal prior mass (sum_d l_d = L_b bits, given by the
   caller: `bin_bits`, e.g. from `allocate_bin_bits` over per-dim information both sides know).
-  The encoder searches the reweighted proposal p'(x) = J pi_j(x) p(x), pi_j = prod_d pi_d,j_d with
-  pi_d,j = (1 - mix) Q_d(bin j) + mix / J_d: arrival n draws its bin from pi (privately: per dim a
-  uniform bin with probability mix, else j_d = floor(J_d Phi(y_d)) with y_d ~ Q_d). Pure Q masses
-  (mix = 0) give the far bins, where q's tail hugs the inner edge, a sup of r' of ~1/v_d and
-  make the search longer than plain PFR's; mix = 0.05 bounds them. pi is never sent. Its point is
-  the k-th point of that bin's shared stream, keyed by (block, bin tuple, k, dim), where k counts
-  earlier arrivals in the same bin. Its weight is r' = q / p' = r / (J pi_j). The bin tuple is
-  sent raw (L_b bits) with k. Exact when run to the PFR stopping rule with r'_max = sup r' (per
-  dim, the max over its bins of the sup of r_d on the bin over J_d pi_d,j); runtime ~ 2^D_inf[q ||
-  p'], far below 2^D_inf[q || p] when the bins follow q. The code length is bounded by KL + E[eps]
-  + log2(KL - L + E[eps] + 1) + O(1) with eps = E_q[L - log2 r] (the poster: E[eps] <= 0.9
-  sqrt(KL) for Gaussians). With all l_d = 0 it is plain pfr / orc, by the same code path.
+  The encoder searches the reweighted proposal p'(x) = J pi_j(x) p(x), pi_j = prod_d pi_d,j_d;
+  pi is never sent. An arrival of bin j takes the k-th point of that bin's shared stream, keyed
+  by (block, bin tuple, k, dim), where k counts earlier arrivals in the same bin, and has weight
+  r' = q / p' = r / (J pi_j). The bin tuple is sent raw (L_b bits) with k. With all l_d = 0 both
+  are plain pfr / orc. The code length is bounded by KL + E[eps] + log2(KL - L + E[eps] + 1) +
+  O(1) with eps = E_q[L - log2 r] (the poster: E[eps] <= 0.9 sqrt(KL) for Gaussians).
+  - sp-pfr: pi = Q's bin masses. The superposed arrival process is the union of independent
+    processes, one per bin, so `_bin_search` follows each bin's process only while its next
+    arrival can still win, under that bin's own bound sup_{B_j} r' (A* coding over the bins).
+    Exact; about sum_j sup_{B_j} r / J steps, ~2^(D_inf - L) where the bins follow q. It
+    enumerates every bin of a block (at most MAX_SEARCH_BIN_BITS bits). One global bound
+    sup r' would instead stop late: the bins next to q's mode, where q's tail hugs the inner
+    edge, hold little Q mass and a large sup r'.
+  - sp-orc: N arrivals of the superposed process, each drawing its bin from pi_d,j = (1 - mix)
+    Q_d(bin j) + mix / J_d (privately: per dim a uniform bin with probability mix, else j_d =
+    floor(J_d Phi(y_d)) with y_d ~ Q_d; mix = DEFAULT_BIN_MIX).
 
 The proposal is the table N(0, 1) of codec/rng.py (integer hashing and a quantile table), so
 the decoder's sample is the same float32 on every device; a bin is a range of the 32-bit
@@ -67,10 +71,12 @@ MAX_BLOCKS = 1 << rng.PFR_BLOCK_BITS
 MAX_INDEX = 1 << rng.PFR_INDEX_BITS  # k - 1 is the counter's candidate field
 MAX_BIN_BITS_PER_DIM = 20  # keeps >= 12 bits of the 32-bit uniform inside a bin
 MAX_BIN_BITS_PER_BLOCK = 62  # the bin tuple is one non-negative int64
+MAX_SEARCH_BIN_BITS = 12  # sp-pfr enumerates every bin of a block
 INDEX_ALPHABET = 32  # symbols floor(log2 k) of the in-bin index k (< 28)
+_SEARCH_BAND_NATS = math.log(2.0)  # sp-pfr: bins whose next bound is within 2x of the top go together
 _BOUND_MARGIN_NATS = 1e-3  # the table's bin edges differ from Phi^-1's by ~1e-9: a safe r_max
 _LN2 = math.log(2.0)
-DEFAULT_BIN_MIX = 0.05  # share of uniformly drawn bins in the SP search (encoder-only)
+DEFAULT_BIN_MIX = 0.05  # share of uniformly drawn bins in the sp-orc search (encoder-only)
 BOUNDED_MEAN_NATS = 1.0  # bounded_target: at most this much of a dim's D_inf from its mean shift
 BOUNDED_MIN_GAP = 1e-3  # ... and every variance at most 1 minus this
 
@@ -223,21 +229,30 @@ def _log_ratio_dims(x: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.
     return -0.5 * (x - m) ** 2 / v - 0.5 * torch.log(v) + 0.5 * x * x
 
 
-def _log_bounds(m, v, lay: BlockLayout, mix: float) -> torch.Tensor:
-    """Per block log sup_x r'(x) in nats: per dim, the max over its bins of sup r_d / (J_d pi_d,j).
+def _bin_table(m, v, lay: BlockLayout, mix: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every bin of every dim (sum_d 2^l_d entries, dim d's from offset[d]): (offset, log pi_d,j,
+    log sup_{bin j} r_d / (J_d pi_d,j)), in nats.
 
     log r_d is a concave quadratic (v < 1) peaking at x* = m / (1 - v), so its sup over a bin is
-    at x* clamped into the bin. Evaluated on every bin of every dim (sum_d 2^l_d entries).
+    at x* clamped into the bin.
     """
     n_bins = 1 << lay.bin_bits
+    offset = torch.cumsum(n_bins, 0) - n_bins
     dims = torch.repeat_interleave(torch.arange(m.numel(), device=m.device), n_bins)
-    j = torch.arange(dims.numel(), device=m.device) - (torch.cumsum(n_bins, 0) - n_bins)[dims]
+    j = torch.arange(dims.numel(), device=m.device) - offset[dims]
     md, vd, bits = m[dims], v[dims], lay.bin_bits[dims]
     peak = torch.where(vd < 1.0, md / (1.0 - vd).clamp(min=1e-300), torch.zeros_like(md))
     lo, hi = _bin_edges(j, bits)
     x = torch.minimum(torch.maximum(peak, lo), hi)
-    per_bin = _log_ratio_dims(x, md, vd) - bits * _LN2 - _log_bin_weight(md, vd.sqrt(), j, bits, mix)
-    per_dim = torch.full_like(m, -math.inf).scatter_reduce_(0, dims, per_bin, "amax")
+    log_pi = _log_bin_weight(md, vd.sqrt(), j, bits, mix)
+    return offset, log_pi, _log_ratio_dims(x, md, vd) - bits * _LN2 - log_pi
+
+
+def _log_bounds(m, v, lay: BlockLayout, mix: float) -> torch.Tensor:
+    """Per block log sup_x r'(x) in nats: per dim, the max over its bins of sup r_d / (J_d pi_d,j)."""
+    offset, _, log_sup = _bin_table(m, v, lay, mix)
+    dims = torch.repeat_interleave(torch.arange(m.numel(), device=m.device), 1 << lay.bin_bits)
+    per_dim = torch.full_like(m, -math.inf).scatter_reduce_(0, dims, log_sup, "amax")
     return _block_sum(per_dim, lay.dim_block, lay.n_blocks) + _BOUND_MARGIN_NATS
 
 
@@ -291,8 +306,9 @@ class _Best:
 
 
 @torch.no_grad()
-def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, memory_elems, mix):
-    """Run the (SP-)PFR / (SP-)ORC search of every block: returns (best, steps, capped)."""
+def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, memory_elems, mix, only=None):
+    """Run the pfr / orc / sp-orc search of every block (of the blocks `only`, a bool mask, if given),
+    over the superposed arrivals: returns (best, steps, capped)."""
     device = m.device
     n_blocks = lay.n_blocks
     spatial = bool(lay.bin_bits.any())
@@ -307,7 +323,7 @@ def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, me
     steps = torch.full((n_blocks,), limit, dtype=torch.int64, device=device)
     capped = torch.zeros(n_blocks, dtype=torch.bool, device=device)
     t_last = torch.zeros(n_blocks, dtype=torch.float64, device=device)
-    active = torch.ones(n_blocks, dtype=torch.bool, device=device)
+    active = torch.ones(n_blocks, dtype=torch.bool, device=device) if only is None else only.clone()
     counter = _BinCounter(device)
     n0, chunk = 0, 64
     while n0 < limit and bool(active.any()):
@@ -361,6 +377,128 @@ def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, me
             counter.keep_blocks(active)
         chunk *= 2
     return best, steps, capped
+
+
+def _segment_cumsum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums restarting at each segment (consecutive runs of `counts` values)."""
+    total = torch.cumsum(values, 0)
+    ends = torch.cumsum(counts, 0)
+    before = torch.cat([total.new_zeros(1), total[ends[:-1] - 1]]) if counts.numel() else total
+    return total - torch.repeat_interleave(before, counts)
+
+
+@torch.no_grad()
+def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems, only=None):
+    """The exact SP search with one bound per bin (A* coding over the bins, with pi = Q's masses).
+
+    The superposed arrival process over p' is the union of independent processes, one per bin j,
+    of rate pi_j = Q(B_j) on the bin's own points. An arrival of bin j can only win while
+    log sup_{B_j} r' - log T > the best score so far, so each bin's process is followed only that
+    far: every bin of every block is a search of its own, in A* order a band of bins at a time,
+    each a few arrivals at a time (a quarter of those it has had), until no bin's next arrival can
+    win or the block has had max_steps arrivals (then `capped`: not exact). The result is the argmax over the
+    whole superposed process, so the sample is exact; the steps are about sum_j sup_{B_j} r / J
+    (~2^(D_inf - L) where the bins follow q), where one global bound needs ~sup r'. Every bin of
+    a block is enumerated, so only the blocks `only` (a bool mask) are searched if given.
+
+    Returns (best, steps, capped, log sum_j pi_j sup_{B_j} r' = log sum_j sup_{B_j} r / J per block,
+    the scale of its steps)."""
+    device = m.device
+    n_blocks = lay.n_blocks
+    t_start, log_q, log_sup = _bin_table(m, v, lay, 0.0)  # pi = Q's masses
+    n_bins = 1 << lay.bin_bits
+    # every bin tuple of every block ("cells"): its log pi and log bound, summed over the block's dims
+    n_cells = 1 << lay.block_bin_bits
+    if only is not None:
+        n_cells = torch.where(only, n_cells, 0)
+    cell_block = torch.repeat_interleave(torch.arange(n_blocks, device=device), n_cells)
+    cell_key = torch.arange(cell_block.numel(), device=device) - (torch.cumsum(n_cells, 0) - n_cells)[cell_block]
+    block_start = torch.cumsum(lay.sizes, 0) - lay.sizes
+    cell_sizes = lay.sizes[cell_block]
+    cd_cell = torch.repeat_interleave(torch.arange(cell_block.numel(), device=device), cell_sizes)
+    cd_dim = block_start[cell_block][cd_cell] + _segment_cumsum(torch.ones_like(cd_cell), cell_sizes) - 1
+    j = (cell_key[cd_cell] >> lay.key_shift[cd_dim]) & (n_bins[cd_dim] - 1)
+    n_all = cell_block.numel()
+    log_pi = torch.zeros(n_all, dtype=torch.float64, device=device).index_add_(0, cd_cell, log_q[t_start[cd_dim] + j])
+    log_bound = torch.zeros_like(log_pi).index_add_(0, cd_cell, log_sup[t_start[cd_dim] + j]) + _BOUND_MARGIN_NATS
+    cell_dims_start = torch.cumsum(cell_sizes, 0) - cell_sizes  # where each cell's dims start in cd_*
+
+    def gap(cells, ks):  # Exp(pi) gap before arrival ks of each cell
+        u = rng.pfr_private_bin_uniforms(seed, level, cell_block[cells], ks - 1, cell_key[cells])
+        return -torch.log(u) * torch.exp(-log_pi[cells])
+
+    all_cells = torch.arange(n_all, device=device)
+    done_k = torch.zeros(n_all, dtype=torch.int64, device=device)  # arrivals evaluated per cell
+    t_next = gap(all_cells, done_k + 1)  # time of each cell's next arrival
+    best = _Best(
+        torch.full((n_blocks,), -math.inf, dtype=torch.float64, device=device),
+        torch.zeros(n_blocks, dtype=torch.int64, device=device),
+        torch.ones(n_blocks, dtype=torch.int64, device=device),
+    )
+    steps = torch.zeros(n_blocks, dtype=torch.int64, device=device)
+    capped = torch.zeros(n_blocks, dtype=torch.bool, device=device)
+    while True:
+        prio = torch.where(capped[cell_block], -math.inf, log_bound - torch.log(t_next))
+        top = _block_max(prio, cell_block, n_blocks)
+        # in A* order, a band at a time: the cells within _SEARCH_BAND_NATS of their block's top
+        live = (prio > best.score[cell_block]) & (prio >= top[cell_block] - _SEARCH_BAND_NATS)
+        cells = torch.nonzero(live).squeeze(1)
+        if cells.numel() == 0:
+            break
+        # a quarter of the arrivals each cell has had (at least one), within the block's steps left
+        per_block = torch.bincount(cell_block[cells], minlength=n_blocks)
+        rank = torch.arange(cells.numel(), device=device) - (torch.cumsum(per_block, 0) - per_block)[cell_block[cells]]
+        left = (max_steps - steps)[cell_block[cells]]
+        cells = cells[rank < left]  # cells of a block in bin order, as many as it has steps left
+        left = (max_steps - steps)[cell_block[cells]] // per_block[cell_block[cells]]
+        count = torch.minimum(done_k[cells] // 4, left).clamp(min=1)
+        dims_per = cell_sizes[cells]
+        scale = max(1, int((count * dims_per).sum()) // memory_elems + 1)
+        if scale > 1:  # keep the batch near memory_elems candidate dims
+            count = torch.clamp(count // scale, min=1)
+        # the arrivals: cell, its k, its time
+        a_cell = torch.repeat_interleave(cells, count)
+        a_k = done_k[a_cell] + _segment_cumsum(torch.ones_like(a_cell), count)
+        gaps = gap(a_cell, a_k)
+        first = torch.cumsum(count, 0) - count
+        gaps[first] = 0.0
+        a_t = torch.repeat_interleave(t_next[cells], count) + _segment_cumsum(gaps, count)
+        # their candidate dims
+        a_sizes = cell_sizes[a_cell]
+        ad_arr = torch.repeat_interleave(torch.arange(a_cell.numel(), device=device), a_sizes)
+        ad_dim = cd_dim[cell_dims_start[a_cell][ad_arr] + _segment_cumsum(torch.ones_like(ad_arr), a_sizes) - 1]
+        xs = _points(seed, level, lay, ad_dim, a_k[ad_arr], cell_key[a_cell][ad_arr]).double()
+        log_r = torch.zeros(a_cell.numel(), dtype=torch.float64, device=device).index_add_(
+            0, ad_arr, _log_ratio_dims(xs, m[ad_dim], v[ad_dim])
+        )
+        a_block = cell_block[a_cell]
+        score = log_r - lay.block_bin_bits[a_block] * _LN2 - log_pi[a_cell] - torch.log(a_t)
+        top = _block_max(score, a_block, n_blocks)
+        win = (score == top[a_block]) & (score > best.score[a_block])
+        wb = a_block[win]
+        best.score[wb] = score[win]
+        best.key[wb] = cell_key[a_cell[win]]
+        best.k[wb] = a_k[win]
+        steps += torch.bincount(a_block, minlength=n_blocks)
+        done_k[cells] += count
+        last = first + count - 1
+        t_next[cells] = a_t[last] + gap(cells, done_k[cells] + 1)
+        capped |= steps >= max_steps
+    if int(best.k.max()) >= MAX_INDEX:
+        raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller max_steps")
+    return best, steps, capped, _block_logsumexp(log_pi + log_bound, cell_block, n_blocks)
+
+
+def _block_max(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Max of the values of each of n groups (-inf for an empty one)."""
+    out = torch.full((n,), -math.inf, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, index, values, "amax")
+
+
+def _block_logsumexp(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    top = _block_max(values, index, n)
+    total = torch.zeros_like(top).index_add_(0, index, torch.exp(values - top[index]))
+    return top + torch.log(total)
 
 
 # --- index coding ---------------------------------------------------------------------------
@@ -440,18 +578,22 @@ def code_blocks(
         raise ValueError(f"{method} needs every v < 1 (r = q/p is unbounded otherwise): use orc / sp-orc")
     if not exact and (budget is None or not 1 <= budget <= MAX_INDEX):
         raise ValueError(f"{method} needs a candidate budget in [1, {MAX_INDEX}]")
-    best, steps, capped = _search(
-        m,
-        v,
-        lay,
-        seed=seed,
-        level=level,
-        exact=exact,
-        budget=budget,
-        max_steps=min(max_steps, MAX_INDEX - 1),
-        memory_elems=memory_elems,
-        mix=bin_mix,
-    )
+    search = dict(seed=seed, level=level, max_steps=min(max_steps, MAX_INDEX - 1), memory_elems=memory_elems)
+    if method == "sp-pfr":  # one bound per bin; blocks with too many bins to list under one global bound
+        listed = lay.block_bin_bits <= MAX_SEARCH_BIN_BITS
+        best, steps, capped, log_bound = _bin_search(m, v, lay, only=listed, **search)
+        if not bool(listed.all()):
+            other, other_steps, other_capped = _search(
+                m, v, lay, exact=True, budget=None, mix=bin_mix, only=~listed, **search
+            )
+            best.key = torch.where(listed, best.key, other.key)
+            best.k = torch.where(listed, best.k, other.k)
+            steps = torch.where(listed, steps, other_steps)
+            capped = torch.where(listed, capped, other_capped)
+            log_bound = torch.where(listed, log_bound, _log_bounds(m, v, lay, bin_mix))
+    else:
+        best, steps, capped = _search(m, v, lay, exact=exact, budget=budget, mix=bin_mix, **search)
+        log_bound = _log_bounds(m, v, lay, bin_mix) if exact else None
     stats = dict(
         steps=steps,
         index=best.k,
@@ -459,7 +601,7 @@ def code_blocks(
         capped=capped,
         kl_bits=_block_sum(kl_bits(m, v), lay.dim_block, lay.n_blocks),
         dinf_bits=_block_sum(dinf_bits(m, v), lay.dim_block, lay.n_blocks),
-        bound_bits=_log_bounds(m, v, lay, bin_mix) / _LN2 if exact else None,
+        bound_bits=log_bound / _LN2 if exact else None,
     )
     return regenerate(seed, level, lay, best.key, best.k), best.key, best.k, stats
 
@@ -487,7 +629,8 @@ def encode_blocks(
     `bin_bits` (l_d per dim), which the decoder must be given too. `memory_elems` bounds the
     candidate-dim values evaluated at once. Returns the float32 sample (what decode_blocks
     rebuilds), the bytes, and per-block stats (tensors): steps, index k, bin key, capped,
-    kl_bits, dinf_bits, bound_bits (log2 of the search's r'_max), code_bits (total, float).
+    kl_bits, dinf_bits, bound_bits (log2 of the search's bound: sup r for pfr, sum_j sup_{B_j} r / J
+    for sp-pfr, which sets its steps), code_bits (total, float).
     """
     _check_method(method, bin_bits)
     lay = make_layout(block_sizes, bin_bits, m.device)

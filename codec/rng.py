@@ -301,6 +301,7 @@ def gumbel(seed: int, level: int, groups: torch.Tensor, rows: torch.Tensor) -> t
 # Counter payload: sub-stream (2 bits) | block (20) | candidate index (28) | dim in block (8).
 PFR = 6
 PFR_POINT, PFR_ARRIVAL, PFR_BIN = 0, 1, 2  # shared within-bin points; private arrivals; private bins
+PFR_BIN_ARRIVAL = 3  # private arrivals of one bin's own process (the sp-pfr search)
 PFR_BLOCK_BITS, PFR_INDEX_BITS, PFR_DIM_BITS = 20, 28, 8
 
 
@@ -348,6 +349,16 @@ def pfr_private_uniforms(
 ) -> torch.Tensor:
     """Encoder-private float64 uniforms in (0, 1): arrival gaps (PFR_ARRIVAL) and bin draws (PFR_BIN)."""
     return uniform53(seed, pfr_counters(level, sub, blocks, indices, dims))
+
+
+def pfr_private_bin_uniforms(
+    seed: int, level: int, blocks: torch.Tensor, ks: torch.Tensor, bin_keys: torch.Tensor
+) -> torch.Tensor:
+    """Encoder-private float64 uniforms in (0, 1) keyed by (block, bin tuple, k): the arrival gaps
+    of each bin's own Poisson process. The bin key (up to 63 bits) is added to the hash of
+    (block, k) and hashed again, as in pfr_point_words."""
+    h = hash64(seed, pfr_counters(level, PFR_BIN_ARRIVAL, blocks, ks, torch.zeros_like(ks)))
+    return uniform53(seed, h + (bin_keys.to(torch.int64) + 1) * _signed(GAMMA))
 
 
 # --- the rejection sampler's streams (codec/rejection.py) --------------------------------------

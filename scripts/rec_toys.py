@@ -161,7 +161,7 @@ def plot(path, exact, orc, budget):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-o", "--out", default="results/toys")
-    ap.add_argument("--blocks", type=int, default=200, help="blocks per I for the exact coders")
+    ap.add_argument("--blocks", type=int, default=1000, help="blocks per I for the exact coders")
     ap.add_argument("--orc-blocks", type=int, default=1000)
     ap.add_argument("--budget", type=int, default=64, help="ORC / SP-ORC candidates per block")
     ap.add_argument("--max-steps", type=int, default=1 << 18, help="cap on PFR's arrivals per block")
@@ -178,7 +178,7 @@ def main(argv=None):
     result = dict(
         setup=dict(
             dims=D, dim_shares=DIM_SHARES, blocks=args.blocks, orc_blocks=args.orc_blocks, budget=args.budget,
-            max_steps=args.max_steps, seed=args.seed, bin_mix=pfr.DEFAULT_BIN_MIX, threads=1,
+            max_steps=args.max_steps, seed=args.seed, sp_orc_bin_mix=pfr.DEFAULT_BIN_MIX, threads=1,
         ),
         steps_by_dinf=summary,
         exact=exact,

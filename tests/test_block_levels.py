@@ -110,8 +110,8 @@ def test_exact_presets_bound_prior_wide_posteriors():
 
 def test_sp_pfr_counts_the_blocks_that_reach_its_arrival_cap():
     """sp-pfr's bins are spread evenly over a block's dims (the decoder knows nothing finer), which
-    lengthens the search: on this channel most blocks reach the 2^12-arrival cap and keep the
-    truncated search's sample. The stats say how many; the sample still decodes bit for bit."""
+    lengthens the search: on this channel most blocks reach the 2^12-arrival cap (never more) and keep
+    the truncated search's sample. The stats say how many; the sample still decodes bit for bit."""
     q = channel((1, 4, 16, 16), [0.6, 1.0, 1.5, 2.0, 3.0], seed=7)
     params = CoderParams.preset("sp-pfr")
     _, _, st = roundtrip(q, 1, params)

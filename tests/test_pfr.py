@@ -45,6 +45,35 @@ def sp_bits(info: torch.Tensor, n_blocks: int, d: int) -> torch.Tensor:
 INFO_5D = [0.0, 0.4, 0.8, 1.2, 1.6]  # 4 bits a block, one collapsed dim
 
 
+def test_sp_pfr_search_returns_the_argmax_over_every_bins_arrivals():
+    # The per-bin bounds only skip arrivals that cannot win: brute force over the first 4000
+    # arrivals of every bin's process (far past any winner here) picks the same point.
+    n_blocks, seed, arrivals = 12, 7, 4000
+    m, v, info = channel(n_blocks, [1.0, 2.5], seed=5)
+    bins = sp_bits(info, n_blocks, 2)
+    _, _, st = pfr.encode_blocks(m, v, [2] * n_blocks, seed=seed, method="sp-pfr", bin_bits=bins)
+    lay = pfr.make_layout([2] * n_blocks, bins, "cpu")
+    ks = torch.arange(1, arrivals + 1)
+    for b in range(n_blocks):
+        dims = torch.tensor([2 * b, 2 * b + 1])
+        n_bits = int(lay.block_bin_bits[b])
+        best = (-math.inf, None, None)
+        for key in range(1 << n_bits):
+            j = (key >> lay.key_shift[dims]) & ((1 << lay.bin_bits[dims]) - 1)
+            lo, hi = pfr._bin_edges(j, lay.bin_bits[dims])
+            sd = v[dims].sqrt()
+            log_pi = float(pfr._log_interval_mass((lo - m[dims]) / sd, (hi - m[dims]) / sd).sum())
+            keys = torch.full((arrivals,), key)
+            u = rng.pfr_private_bin_uniforms(seed, 0, torch.full((arrivals,), b), ks - 1, keys)
+            t = torch.cumsum(-torch.log(u), 0) * math.exp(-log_pi)
+            x = pfr._points(seed, 0, lay, dims[None, :], ks[:, None], keys[:, None]).double()
+            score = pfr._log_ratio_dims(x, m[dims], v[dims]).sum(1) - n_bits * math.log(2) - log_pi - torch.log(t)
+            i = int(score.argmax())
+            if float(score[i]) > best[0]:
+                best = (float(score[i]), key, i + 1)
+        assert (int(st["bin_key"][b]), int(st["index"][b])) == best[1:]
+
+
 @pytest.mark.parametrize("method", ["pfr", "sp-pfr"])
 def test_exact_coders_sample_the_target(method):
     n_blocks = 3000
