@@ -13,7 +13,9 @@ per preset and rate point, means over the images of
   psnr_minus_ideal   PSNR of the decoded image - PSNR of an exact posterior sample at rate = KL (dB)
   encode_s, decode_s seconds per image (encode = compress + write, decode = read + decompress)
 
-and the mean bpp, PSNR and decode mismatches. Exit status 1 if any decoded image differed.
+and the mean bpp, PSNR and decode mismatches, and OUT/summary.png: encode and decode seconds,
+PSNR - exact-sample PSNR and bits / KL of every preset against bpp (the thesis's Fig. 4.9 is the
+first). Exit status 1 if any decoded image differed.
 """
 
 import argparse
@@ -53,6 +55,32 @@ def summarise(doc: dict) -> list[dict]:
     return rows
 
 
+def plot_summary(summary: dict, path: Path) -> None:
+    """Four panels against bpp, one line per preset (its rate points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("encode_s", "encode seconds / image", True),
+        ("decode_s", "decode seconds / image", True),
+        ("psnr_minus_ideal", "PSNR - exact-sample PSNR (dB)", False),
+        ("bits_per_kl", "file bits / KL", False),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for ax, (key, label, log) in zip(axes, panels):
+        for preset, entry in summary.items():
+            rows = sorted(entry["rows"], key=lambda r: r["bpp"])
+            ax.plot([r["bpp"] for r in rows], [r[key] for r in rows], "o-", label=preset)
+        ax.set(xlabel="bpp", ylabel=label, yscale="log" if log else "linear")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder of images")
@@ -88,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{preset}: " + json.dumps(summary[preset]["rows"]), file=sys.stderr)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_summary(summary, out / "summary.png")
     return status
 
 

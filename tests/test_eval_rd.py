@@ -12,7 +12,7 @@ from codec import api, store as model_store
 from codec.params import PRESETS, CoderParams, LevelParams
 from codec.store import ModelStore
 from models import ModelConfig, build_model, load_model, save_model
-from scripts import eval_rd
+from scripts import bench_presets, eval_rd
 from scripts.rd_common import RESULT_KEYS, curves_of, load_rgb, read_results
 
 # Few candidates per step, as in test_compress_cli.py, so a whole evaluation takes seconds.
@@ -313,3 +313,48 @@ def test_add_to_gives_the_curve_of_one_run_over_all_models(evaluated, tmp_path, 
 )
 def test_default_curve_name_is_the_models_common_name_cut_at_a_whole_token(names, expected):
     assert eval_rd.default_name(names, "thesis") == expected
+
+
+def test_bench_presets_summarises_each_preset_against_the_exact_sample_and_plots_it(tmp_path, capsys, data):
+    torch.manual_seed(2)
+    cfg = ModelConfig(
+        arch="pln",
+        channels=16,
+        latents=8,
+        level2_channels=8,
+        level2_latents=4,
+        beta_knots=3,
+        beta_min=0.5,
+        beta_max=8.0,
+    )
+    model = save_model(build_model(cfg), tmp_path, "vbr")
+    out = tmp_path / "out"
+    argv = [
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--presets",
+        "fast",
+        "thesis",
+        "--quality",
+        "1",
+        "8",
+        "-o",
+        str(out),
+    ]
+    assert bench_presets.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["fast", "thesis"]
+    for preset, entry in summary.items():
+        doc = json.loads((out / f"{preset}.json").read_text())
+        assert entry["decode_mismatches"] == 0
+        assert [r["bpp"] for r in entry["rows"]] == doc["results"]["bpp"]
+        ideal = next(c for c in doc["ideal_curves"] if c["name"].endswith("ideal (KL, posterior sample)"))
+        for row, ideal_psnr in zip(entry["rows"], ideal["results"]["psnr-rgb"]):
+            assert row["ideal_psnr"] == ideal_psnr
+            assert row["bits_per_kl"] > 1.0  # the header alone outweighs a tiny image's KL
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = (out / "fast.json").stat().st_mtime_ns
+    assert bench_presets.main(argv) == 0  # a preset whose results are there is not run again
+    assert (out / "fast.json").stat().st_mtime_ns == written
