@@ -27,10 +27,11 @@ the encoder picks one, and only its index is sent. Four methods share one search
   - sp-pfr: pi = Q's bin masses. The superposed arrival process is the union of independent
     processes, one per bin, so `_bin_search` follows each bin's process only while its next
     arrival can still win, under that bin's own bound sup_{B_j} r' (A* coding over the bins).
-    Exact; about sum_j sup_{B_j} r / J steps, ~2^(D_inf - L) where the bins follow q. It
-    enumerates every bin of a block (at most MAX_SEARCH_BIN_BITS bits). One global bound
-    sup r' would instead stop late: the bins next to q's mode, where q's tail hugs the inner
-    edge, hold little Q mass and a large sup r'.
+    Exact; about sum_j sup_{B_j} r / J steps, ~2^(D_inf - L) where the bins follow q. One
+    global bound sup r' would stop late: the bins next to q's mode, where q's tail hugs the inner
+    edge, hold little Q mass and a large sup r'. It enumerates every bin of a block, so blocks of
+    more than MAX_SEARCH_BIN_BITS bin bits are searched under one global bound, with the bin
+    weights of sp-orc.
   - sp-orc: N arrivals of the superposed process, each drawing its bin from pi_d,j = (1 - mix)
     Q_d(bin j) + mix / J_d (privately: per dim a uniform bin with probability mix, else j_d =
     floor(J_d Phi(y_d)) with y_d ~ Q_d; mix = DEFAULT_BIN_MIX).
@@ -395,11 +396,12 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
     of rate pi_j = Q(B_j) on the bin's own points. An arrival of bin j can only win while
     log sup_{B_j} r' - log T > the best score so far, so each bin's process is followed only that
     far: every bin of every block is a search of its own, in A* order a band of bins at a time,
-    each a few arrivals at a time (a quarter of those it has had), until no bin's next arrival can
-    win or the block has had max_steps arrivals (then `capped`: not exact). The result is the argmax over the
-    whole superposed process, so the sample is exact; the steps are about sum_j sup_{B_j} r / J
-    (~2^(D_inf - L) where the bins follow q), where one global bound needs ~sup r'. Every bin of
-    a block is enumerated, so only the blocks `only` (a bool mask) are searched if given.
+    each a few arrivals at a time (a quarter of those it has had), until no bin's next arrival
+    can win or the block has had max_steps arrivals (then `capped`: not exact). The result is the
+    argmax over the whole superposed process, so the sample is exact; the steps are about
+    sum_j sup_{B_j} r / J (~2^(D_inf - L) where the bins follow q), where one global bound needs
+    ~sup r'. Every bin of a block is enumerated, so only the blocks `only` (a bool mask) are
+    searched if given.
 
     Returns (best, steps, capped, log sum_j pi_j sup_{B_j} r' = log sum_j sup_{B_j} r / J per block,
     the scale of its steps)."""

@@ -74,6 +74,20 @@ def test_sp_pfr_search_returns_the_argmax_over_every_bins_arrivals():
         assert (int(st["bin_key"][b]), int(st["index"][b])) == best[1:]
 
 
+def test_sp_pfr_blocks_with_too_many_bins_to_list_are_searched_under_one_bound():
+    # 14 bin bits on one sharp dim: past MAX_SEARCH_BIN_BITS, so the global-bound search codes it
+    # beside per-bin searches of the small blocks; the file decodes to the encoder's sample.
+    m = torch.tensor([1.3, 0.2, -0.4, 0.5, -1.0], dtype=torch.float64)
+    v = torch.tensor([1e-8, 0.3, 0.5, 0.2, 0.4], dtype=torch.float64)
+    sizes, bins = [1, 2, 2], torch.tensor([14, 1, 1, 1, 0])
+    assert 14 > pfr.MAX_SEARCH_BIN_BITS
+    z, data, st = pfr.encode_blocks(m, v, sizes, seed=5, method="sp-pfr", bin_bits=bins)
+    assert not st["capped"].any()
+    assert torch.equal(pfr.decode_blocks(sizes, data, seed=5, method="sp-pfr", bin_bits=bins), z)
+    assert abs(float(z[0]) - 1.3) < 1e-3  # the sharp dim lands within ~10 of its sigma_q
+    assert int(st["steps"][0]) > 0
+
+
 @pytest.mark.parametrize("method", ["pfr", "sp-pfr"])
 def test_exact_coders_sample_the_target(method):
     n_blocks = 3000
