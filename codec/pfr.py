@@ -380,6 +380,12 @@ def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, me
     return best, steps, capped
 
 
+def _segment_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """0, 1, ... within each segment (consecutive runs of `counts` values)."""
+    total = int(counts.sum())
+    return torch.arange(total, device=counts.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+
+
 def _segment_cumsum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Cumulative sums restarting at each segment (consecutive runs of `counts` values)."""
     total = torch.cumsum(values, 0)
@@ -418,7 +424,7 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
     block_start = torch.cumsum(lay.sizes, 0) - lay.sizes
     cell_sizes = lay.sizes[cell_block]
     cd_cell = torch.repeat_interleave(torch.arange(cell_block.numel(), device=device), cell_sizes)
-    cd_dim = block_start[cell_block][cd_cell] + _segment_cumsum(torch.ones_like(cd_cell), cell_sizes) - 1
+    cd_dim = block_start[cell_block][cd_cell] + _segment_ranks(cell_sizes)
     j = (cell_key[cd_cell] >> lay.key_shift[cd_dim]) & (n_bins[cd_dim] - 1)
     n_all = cell_block.numel()
     log_pi = torch.zeros(n_all, dtype=torch.float64, device=device).index_add_(0, cd_cell, log_q[t_start[cd_dim] + j])
@@ -449,10 +455,9 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
             break
         # a quarter of the arrivals each cell has had (at least one), within the block's steps left
         per_block = torch.bincount(cell_block[cells], minlength=n_blocks)
-        rank = torch.arange(cells.numel(), device=device) - (torch.cumsum(per_block, 0) - per_block)[cell_block[cells]]
         left = (max_steps - steps)[cell_block[cells]]
-        cells = cells[rank < left]  # cells of a block in bin order, as many as it has steps left
-        left = (max_steps - steps)[cell_block[cells]] // per_block[cell_block[cells]]
+        keep = _segment_ranks(per_block) < left  # cells of a block in bin order, as many as it has steps left
+        cells, left = cells[keep], left[keep] // per_block[cell_block[cells[keep]]]
         count = torch.minimum(done_k[cells] // 4, left).clamp(min=1)
         dims_per = cell_sizes[cells]
         scale = max(1, int((count * dims_per).sum()) // memory_elems + 1)
@@ -460,7 +465,7 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
             count = torch.clamp(count // scale, min=1)
         # the arrivals: cell, its k, its time
         a_cell = torch.repeat_interleave(cells, count)
-        a_k = done_k[a_cell] + _segment_cumsum(torch.ones_like(a_cell), count)
+        a_k = done_k[a_cell] + _segment_ranks(count) + 1
         gaps = gap(a_cell, a_k)
         first = torch.cumsum(count, 0) - count
         gaps[first] = 0.0
@@ -468,7 +473,7 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
         # their candidate dims
         a_sizes = cell_sizes[a_cell]
         ad_arr = torch.repeat_interleave(torch.arange(a_cell.numel(), device=device), a_sizes)
-        ad_dim = cd_dim[cell_dims_start[a_cell][ad_arr] + _segment_cumsum(torch.ones_like(ad_arr), a_sizes) - 1]
+        ad_dim = cd_dim[cell_dims_start[a_cell][ad_arr] + _segment_ranks(a_sizes)]
         xs = _points(seed, level, lay, ad_dim, a_k[ad_arr], cell_key[a_cell][ad_arr]).double()
         log_r = torch.zeros(a_cell.numel(), dtype=torch.float64, device=device).index_add_(
             0, ad_arr, _log_ratio_dims(xs, m[ad_dim], v[ad_dim])
