@@ -454,10 +454,11 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
         if cells.numel() == 0:
             break
         # a quarter of the arrivals each cell has had (at least one), within the block's steps left
-        per_block = torch.bincount(cell_block[cells], minlength=n_blocks)
-        left = (max_steps - steps)[cell_block[cells]]
-        keep = _segment_ranks(per_block) < left  # cells of a block in bin order, as many as it has steps left
-        cells, left = cells[keep], left[keep] // per_block[cell_block[cells[keep]]]
+        blocks = cell_block[cells]
+        per_block = torch.bincount(blocks, minlength=n_blocks)
+        steps_left = (max_steps - steps)[blocks]
+        keep = _segment_ranks(per_block) < steps_left  # cells of a block in bin order, one per step left
+        cells, left = cells[keep], (steps_left // per_block[blocks])[keep]
         count = torch.minimum(done_k[cells] // 4, left).clamp(min=1)
         dims_per = cell_sizes[cells]
         scale = max(1, int((count * dims_per).sum()) // memory_elems + 1)
