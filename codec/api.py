@@ -53,6 +53,16 @@ def _coder(params: CoderParams | str) -> tuple[str, CoderParams]:
     return (names[0] if names else "custom"), params
 
 
+def _predicts_rate(model: LatentVariableModel, params: CoderParams) -> bool:
+    """Whether level 1 is laid out by the model's rate head (sp-orc-predicted); ValueError if it
+    should be and the model has none."""
+    if params.level1.sampler != "sp-orc-predicted":
+        return False
+    if model.num_levels != 2 or model.rate_head is None:
+        raise ValueError("the sp-orc-predicted coder needs a PLN model with a rate head (scripts/train_rate_head.py)")
+    return True
+
+
 def _check_size(height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ImageTooLargeError(
@@ -140,6 +150,7 @@ def compress_image(
     coder, params = _coder(params)
     if model.num_levels not in (1, 2):
         raise ValueError(f"models with {model.num_levels} levels are not supported")
+    predict_rate = _predicts_rate(model, params)
     x = image_pixels(image).to(device)  # (1, 3, H, W)
     height, width = x.shape[-2:]
     _check_size(height, width, max_pixels)
@@ -155,7 +166,7 @@ def compress_image(
     grid = tiling.TileGrid.for_image(model, height, width, tile)
     sections, levels = {}, {}
 
-    def code(level: int, index: int, q: tuple, p: tuple) -> torch.Tensor:
+    def code(level: int, index: int, q: tuple, p: tuple, predicted_bits=None) -> torch.Tensor:
         nonlocal params
         # the CODED sample: the next level's prior and posterior are computed from it. The per-level
         # choices (the shard decay) are made on the first tile coded, grid.probe, and kept for the rest.
@@ -167,6 +178,7 @@ def compress_image(
             params=params,
             return_stats=True,
             choose_decay=level not in levels,
+            predicted_bits=predicted_bits,
         )
         if stats["shard_decay"] is not None:  # the header carries the decay each level was coded with
             params = params.with_level(level, shard_decay=stats["shard_decay"])
@@ -175,7 +187,7 @@ def compress_image(
         return z
 
     tiled = len(grid) > 1
-    z = tiling.encode_walk(model, x, grid, code, beta)
+    z = tiling.encode_walk(model, x, grid, code, beta, predict_rate)
     x_hat = tiling.synthesize(model, grid, z, beta, model.synthesis_context, height, width)
     pixels = []
     if lossless:
@@ -262,16 +274,26 @@ def decompress(
     height, width = header.height, header.width
     grid = _header_grid(header, model)
 
-    def decode(level: int, index: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
+    def decode(level: int, index: int, p_loc: torch.Tensor, p_scale: torch.Tensor, predicted_bits=None) -> torch.Tensor:
         i = (model.num_levels - level) * n_tiles + index  # sections: the top level's tiles first
         try:
             return decode_level(
-                p_loc, p_scale, sections[i], seed=tile_seed(header.seed, index), level=level, params=params
+                p_loc,
+                p_scale,
+                sections[i],
+                seed=tile_seed(header.seed, index),
+                level=level,
+                params=params,
+                predicted_bits=predicted_bits,
             )
         except RecDecodeError as e:
             raise RecFormatError(f"section {i + 1} (level {level})", str(e)) from None
 
-    z = tiling.top_down(model, grid, decode, beta, header.prior_context)
+    try:
+        predict_rate = _predicts_rate(model, params)
+    except ValueError as e:
+        raise RecFormatError("coder", str(e)) from None
+    z = tiling.top_down(model, grid, decode, beta, header.prior_context, predict_rate)
     x_hat = tiling.synthesize(model, grid, z, beta, header.synthesis_context, height, width)
     if header.lossless:
         try:

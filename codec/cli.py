@@ -159,6 +159,8 @@ def cmd_encode(args) -> int:
             raise UsageError("--bpp cannot be combined with --lossless (a lossless file's size is the image's)")
         if model.lossless_head is None:
             raise UsageError(f"--lossless: model {ref.name} has no lossless head; choose a model that has one")
+    if args.coder == "sp-orc-predicted" and model.rate_head is None:
+        raise UsageError(f"--coder sp-orc-predicted: model {ref.name} has no rate head; choose a model that has one")
     beta = _rate_setting(args, model, ref.name)
     tile = tiling.DEFAULT_TILE if args.tile is None else args.tile
     if tile:
@@ -345,10 +347,10 @@ def cmd_models(args) -> int:
             )
             if d["train_kl_bpp"] is not None and d["train_psnr"] is not None:
                 trained += f"; on training crops {d['train_kl_bpp']:.3f} bpp, {d['train_psnr']:.1f} dB"
-        lossless = ", lossless head" if d["lossless"] else ""
+        heads = (", lossless head" if d["lossless"] else "") + (", rate head" if d["rate_head"] else "")
         print(
             f"{d['name']}{' (default)' if d['default'] else ''}: {d['arch']} N={d['channels']}, "
-            f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}{lossless}; {trained}"
+            f"{d['parameters'] / 1e6:.2f} M parameters, {d['megabytes']:g} MB{beta}{heads}; {trained}"
         )
     return 1 if failed else 0
 

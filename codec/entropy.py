@@ -1,4 +1,5 @@
-"""Side-information coding: compressai's rANS with per-stream tables, and raw bit packing.
+"""Side-information coding: compressai's rANS with per-stream tables, raw bit packing, and the frame
+of a level section (version, sampler, parameter check, counts, CRC32).
 
 The ONLY module that imports compressai. Tables never depend on a model: each field's symbol
 histogram is sent in the stream itself as 7-bit log-counts (a per-file, semi-static table),
@@ -7,6 +8,8 @@ so the coder is exact for any data and any model.
 
 import functools
 import math
+import struct
+import zlib
 import warnings
 
 import numpy as np
@@ -242,3 +245,62 @@ def decode_fields(data: bytes, sizes: list[tuple[int, int]], bits: BitReader) ->
 
 def bit_length(n: int) -> int:
     return max(1, math.ceil(math.log2(n + 1)))
+
+
+def varint(n: int) -> bytes:
+    """n >= 0 in LEB128: 7 bits a byte, low first, the high bit set on all but the last."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at `pos`; RecDecodeError if truncated or malformed."""
+    n, shift = 0, 0
+    while shift < 64:
+        if pos >= len(data):
+            raise RecDecodeError("header truncated")
+        byte = data[pos]
+        n |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return n, pos
+        shift += 7
+    raise RecDecodeError("malformed varint in header")
+
+
+def frame_section(version: int, sampler_id: int, check: int, counts: list[int], rans: bytes, raw: bytes) -> bytes:
+    """A level section: u8 version | u8 sampler | u16 params check | varint counts | varint len(rans) | rans
+    | raw | u32 CRC32 of everything before."""
+    head = struct.pack(">BBH", version, sampler_id, check) + b"".join(varint(c) for c in [*counts, len(rans)])
+    body = head + rans + raw
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def open_section(
+    data: bytes, *, level: int, version: int, sampler_id: int, check: int, n_counts: int
+) -> tuple[list[int], bytes, BitReader]:
+    """(counts, rans bytes, a reader of the raw bits) of a frame_section; RecDecodeError if the data are
+    too short, corrupted, of another version or sampler, or coded with other parameters (`check`)."""
+    data = bytes(data)
+    if len(data) < 4 + n_counts + 1 + 4:
+        raise RecDecodeError(f"level {level}: {len(data)} bytes is too short")
+    body, (crc,) = data[:-4], struct.unpack(">I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise RecDecodeError(f"level {level}: CRC mismatch (corrupted or truncated data)")
+    got_version, got_sampler, got_check = struct.unpack(">BBH", body[:4])
+    if got_version != version or got_sampler != sampler_id:
+        raise RecDecodeError(f"level {level}: format {got_version}/{got_sampler} is not supported")
+    if got_check != check:
+        raise RecDecodeError(f"level {level}: coded with different CoderParams")
+    pos, counts = 4, []
+    for _ in range(n_counts + 1):
+        value, pos = read_varint(body, pos)
+        counts.append(value)
+    n_rans = counts.pop()
+    if pos + n_rans > len(body):
+        raise RecDecodeError(f"level {level}: side information truncated")
+    return counts, body[pos : pos + n_rans], BitReader(body[pos + n_rans :])

@@ -31,26 +31,25 @@ the raw bits end with K's mantissas and then the fallback dims' 16-bit quantised
     small fields, mantissas, outlier values, indices) | u32 CRC32 of everything before
 """
 
-import struct
 import time
-import zlib
 
 import numpy as np
 import torch
 
-from codec import rng
+from codec import layout, rng
 from codec.entropy import (
-    BitReader,
     BitWriter,
     RecDecodeError,
     bucketize,
     decode_fields,
     encode_fields,
+    frame_section,
+    open_section,
     unbucketize,
 )
 from codec.group_coders import OUTLIER_BITS_Q, dequantise, group_coder, quantised_draw
 from codec.params import SAMPLERS, CoderParams, LevelParams
-from codec.plan import check_dims, plan_level
+from codec.plan import check_dims, destandardise, plan_level
 
 SECTION_FORMAT_VERSION = 2  # of a level section (codec/bitstream.py has the container's FORMAT_VERSION)
 _SAMPLER_IDS = {name: i + 1 for i, name in enumerate(SAMPLERS)}  # greedy 1, importance 2, then pfr.METHODS
@@ -58,31 +57,12 @@ _LONG = rng.GROUP_BITS + 1  # bit lengths of run lengths and gaps (a level has <
 _DIRECT_ALPHABET = 64  # group sizes up to this are rANS symbols; larger ones are bucketed
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    n, shift = 0, 0
-    while shift < 64:
-        if pos >= len(data):
-            raise RecDecodeError("header truncated")
-        byte = data[pos]
-        n |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return n, pos
-        shift += 7
-    raise RecDecodeError("malformed varint in header")
-
-
-def _check(params: CoderParams, level: int) -> int:
-    return zlib.crc32(params.format_bytes(level)) & 0xFFFF
+def _predicted(predicted_bits: torch.Tensor | None, p_loc: torch.Tensor) -> torch.Tensor:
+    if predicted_bits is None:
+        raise ValueError(f"{layout.SAMPLER} needs the rate head's predicted bits (a PLN model with a rate head)")
+    if predicted_bits.numel() != p_loc.numel():
+        raise ValueError(f"{predicted_bits.numel()} predicted bits for {p_loc.numel()} dims")
+    return predicted_bits
 
 
 def _size_field(lp: LevelParams) -> tuple[int, bool]:
@@ -102,8 +82,12 @@ def encode_level(
     params: CoderParams,
     return_stats: bool = False,
     choose_decay: bool = False,
+    predicted_bits: torch.Tensor | None = None,
 ):
     """Code a sample of q = N(q_loc, q_scale^2) against p = N(p_loc, p_scale^2).
+
+    The sp-orc-predicted sampler (codec/layout.py) lays out its blocks from `predicted_bits`, the
+    rate head's per-dim KL prediction (models/rate_head.predict_bits), which the decoder is given too.
 
     With `choose_decay`, a greedy level codes with the shard decay among its `decay_choices`
     whose sample fits q best; the data then decode with `params.with_level(level,
@@ -113,6 +97,11 @@ def encode_level(
     """
     t0 = time.perf_counter()
     lp = params.for_level(level)
+    if lp.sampler == layout.SAMPLER:
+        sample, data, stats = layout.encode_level(
+            q_loc, q_scale, p_loc, p_scale, _predicted(predicted_bits, p_loc), seed=seed, level=level, params=params
+        )
+        return (sample, data, stats) if return_stats else (sample, data)
     plan = plan_level(q_loc, q_scale, p_loc, p_scale, lp)
     coder = group_coder(lp.sampler)
     coded = coder.encode(plan, lp, params, seed=seed, level=level, choose_decay=choose_decay)
@@ -154,12 +143,11 @@ def encode_level(
     side_bits = bits.n_bits
     bits.write(coded.values.reshape(-1), coded.widths)
     index_bits = bits.n_bits - side_bits
-    head = struct.pack(">BBH", SECTION_FORMAT_VERSION, _SAMPLER_IDS[lp.sampler], _check(params, level))
-    head += _varint(len(seg_sizes)) + _varint(int(seg_zero.sum())) + _varint(out_pos.numel()) + _varint(len(rans))
-    body = head + rans + bits.getvalue()
-    data = body + struct.pack(">I", zlib.crc32(body))
+    counts = [len(seg_sizes), int(seg_zero.sum()), out_pos.numel()]
+    sampler_id, check = _SAMPLER_IDS[lp.sampler], params.format_check(level)
+    data = frame_section(SECTION_FORMAT_VERSION, sampler_id, check, counts, rans, bits.getvalue())
 
-    sample = _destandardise(eps, p_loc, p_scale)
+    sample = destandardise(eps, p_loc, p_scale)
     if not return_stats:
         return sample, data
     kl_bits = plan.kl_bits
@@ -201,46 +189,33 @@ def _length_alphabet(lp: LevelParams) -> int:
     return group_coder(lp.sampler).length_alphabet(lp) if lp.adaptive else 2
 
 
-def _destandardise(eps: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
-    eps = eps.view(p_loc.shape).to(p_loc.dtype)
-    return p_loc + p_scale * eps  # two separately rounded ops, as in the decoder
-
-
 @torch.no_grad()
-def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: CoderParams) -> torch.Tensor:
-    """Rebuild encode_level's sample from its bytes; raises RecDecodeError on bad data."""
+def decode_level(
+    p_loc, p_scale, data: bytes, *, seed: int, level: int, params: CoderParams, predicted_bits=None
+) -> torch.Tensor:
+    """Rebuild encode_level's sample from its bytes (and the same `predicted_bits`); raises
+    RecDecodeError on bad data."""
     lp = params.for_level(level)
     if p_loc.shape != p_scale.shape:
         raise ValueError("p_loc and p_scale must have the same shape")
-    data = bytes(data)
-    if len(data) < 11:
-        raise RecDecodeError(f"level {level}: {len(data)} bytes is too short")
-    body, (crc,) = data[:-4], struct.unpack(">I", data[-4:])
-    if zlib.crc32(body) != crc:
-        raise RecDecodeError(f"level {level}: CRC mismatch (corrupted or truncated data)")
-    version, sampler, check = struct.unpack(">BBH", body[:4])
-    if version != SECTION_FORMAT_VERSION or sampler != _SAMPLER_IDS[lp.sampler]:
-        raise RecDecodeError(f"level {level}: format {version}/{sampler} is not supported")
-    if check != _check(params, level):
-        raise RecDecodeError(f"level {level}: coded with different CoderParams")
-    n_seg, pos = _read_varint(body, 4)
-    n_zero, pos = _read_varint(body, pos)
-    n_out, pos = _read_varint(body, pos)
-    n_rans, pos = _read_varint(body, pos)
+    if lp.sampler == layout.SAMPLER:
+        predicted = _predicted(predicted_bits, p_loc)
+        return layout.decode_level(p_loc, p_scale, data, predicted, seed=seed, level=level, params=params)
+    sampler_id, check = _SAMPLER_IDS[lp.sampler], params.format_check(level)
+    (n_seg, n_zero, n_out), rans, bits = open_section(
+        data, level=level, version=SECTION_FORMAT_VERSION, sampler_id=sampler_id, check=check, n_counts=3
+    )
     n = p_loc.numel()
     check_dims(n)
     n_groups = n_seg - n_zero
     if n_out > n or n_seg > n - n_out or n_zero > n_seg or (n_seg == 0) != (n_out == n):
         raise RecDecodeError(f"level {level}: {n_seg} segments / {n_out} outliers for {n} dims")
-    if pos + n_rans > len(body):
-        raise RecDecodeError(f"level {level}: side information truncated")
-    bits = BitReader(body[pos + n_rans :])
     size_alphabet, direct = _size_field(lp)
     coder = group_coder(lp.sampler)
     fields = [(n_seg, _length_alphabet(lp)), (n_groups, size_alphabet), (n_zero, _LONG), (n_out, _LONG)]
     if coder.index_alphabet(lp) is not None:
         fields.append((n_groups, coder.index_alphabet(lp)))
-    len_sym, size_sym, zl_sym, gap_sym, *own_field = decode_fields(body[pos : pos + n_rans], fields, bits)
+    len_sym, size_sym, zl_sym, gap_sym, *own_field = decode_fields(rans, fields, bits)
     seg_zero = len_sym == 0
     if int(seg_zero.sum()) != n_zero:
         raise RecDecodeError(f"level {level}: zero-run count mismatch")
@@ -270,4 +245,4 @@ def decode_level(p_loc, p_scale, data: bytes, *, seed: int, level: int, params: 
     eps[out_t] = dequantise(q.to(device), params.outlier_range)
     eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
     eps[cod_pos] = coder.decode(payload, sizes, lens, cod_pos, lp, params, seed=seed, level=level)
-    return _destandardise(eps, p_loc, p_scale)
+    return destandardise(eps, p_loc, p_scale)

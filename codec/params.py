@@ -9,6 +9,7 @@ dataclasses, past ~300 lines, so that every change to what a file may say is rev
 import json
 import math
 import struct
+import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from codec import pfr
 
 # ids 1, 2, ... in the header's level parameters; append only
-SAMPLERS = ("greedy", "importance", *pfr.METHODS, "rejection")
+SAMPLERS = ("greedy", "importance", *pfr.METHODS, "rejection", "sp-orc-predicted")
 _FORMAT = ">BBBHHfHHBd"  # level, sampler, B, S, max group size, outlier range, pool w, windows, adaptive, r
 
 
@@ -53,8 +54,8 @@ def _parse_value(key: str, text: str, kind: type):
 
 @dataclass(frozen=True)
 class LevelParams:
-    sampler: str = "greedy"  # "greedy" (thesis Alg. 2), "importance" (Alg. 3 + 5), a pfr.METHODS block coder
-    # or "rejection" (Alg. 1)
+    sampler: str = "greedy"  # "greedy" (thesis Alg. 2), "importance" (Alg. 3 + 5), a pfr.METHODS block coder,
+    # "rejection" (Alg. 1) or "sp-orc-predicted" (sp-orc over blocks laid out by the rate head, codec/layout.py)
     index_bits: int = 14  # bits per greedy step, or per importance group (B); block coders and rejection below
     steps: int = 30  # greedy shards S; always 1 for importance
     max_group_size: int = 4095  # dims per group
@@ -102,6 +103,11 @@ class LevelParams:
             raise ValueError("beams > 1 needs the greedy sampler with target 'auxiliary'")
         if self.sampler in pfr.METHODS:
             self._check_block_coder()
+        if self.sampler == "sp-orc-predicted" and (self.adaptive or self.max_group_size > pfr.MAX_DIMS_PER_BLOCK):
+            raise ValueError(
+                f"sp-orc-predicted lays out its blocks from the rate head (adaptive false), of at most "
+                f"{pfr.MAX_DIMS_PER_BLOCK} dims"
+            )
         if self.sampler == "rejection" and (self.steps != 1 or self.max_group_size != 1 or self.adaptive):
             raise ValueError("the rejection sampler codes one-dim groups in one step (adaptive false)")
         if self.budget_bits <= 0:
@@ -214,6 +220,10 @@ SP_ORC_L = LevelParams("sp-orc", 10, 4, 255, 0.0, 24.0, oversample_bits=2.0, zer
 # its own group, searched for up to 2^index_bits rounds (the fallback past them is a 16-bit value),
 # dims above outlier_bits sent as 16-bit outliers straight away.
 REJECTION_L = LevelParams("rejection", 12, 1, 1, 0.0, 8.0, adaptive=False, zero_run=16)
+# sp-orc over level-1 blocks that both sides lay out from the model's rate head (codec/layout.py): blocks
+# of about `steps` = 24 bits of predicted KL and at most 255 dims, 2^index_bits = 2^10 candidates each,
+# no side information. Level 2, whose prior N(0, I) predicts nothing, walks as in `thesis`.
+SP_ORC_PREDICTED_L1 = LevelParams("sp-orc-predicted", 10, 24, 255, 0.0, 24.0, adaptive=False, zero_run=0)
 
 # CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
 _PRESET_FIELDS = {
@@ -227,6 +237,7 @@ _PRESET_FIELDS = {
     "sp-orc": dict(level1=SP_ORC_L, level2=SP_ORC_L),
     "irec": dict(level1=IREC_L1, level2=IREC_L2),  # iREC-style beam search over small steps
     "rejection": dict(level1=REJECTION_L, level2=REJECTION_L),  # thesis Alg. 1, exact where it accepts
+    "sp-orc-predicted": dict(level1=SP_ORC_PREDICTED_L1),  # PLN models with a rate head
 }
 PRESETS = tuple(_PRESET_FIELDS)
 
@@ -304,6 +315,13 @@ REGISTERED_FORMATS = {
         38: "02070c000100014200000000800008003ff0000000000000"  # rejection, 2 levels
         "01070c000100014200000000800008003ff0000000000000",
         39: "01070c000100014200000000800008003ff0000000000000",  # rejection, 1 level
+        40: "02010e001e0fff4200000000800008013feccccccccccccd"  # sp-orc-predicted, 2 levels
+        "01080a001800ff4200000000800008003ff0000000000000",
+        41: "01080a001800ff4200000000800008003ff0000000000000",  # sp-orc-predicted, 1 level
+        42: "02010e001e0fff4200000000800008013feb333333333333"  # sp-orc-predicted, level-2 shard decay 0.85
+        "01080a001800ff4200000000800008003ff0000000000000",
+        43: "02010e001e0fff4200000000800008013fee666666666666"  # sp-orc-predicted, level-2 shard decay 0.95
+        "01080a001800ff4200000000800008003ff0000000000000",
     }.items()
 }
 
@@ -374,6 +392,11 @@ class CoderParams:
             int(lp.adaptive),
             lp.shard_decay,
         )
+
+    def format_check(self, level: int) -> int:
+        """16 bits of CRC32 of format_bytes(level): a level section carries them, so that a decoder
+        given other parameters fails cleanly."""
+        return zlib.crc32(self.format_bytes(level)) & 0xFFFF
 
     def levels_format_bytes(self, num_levels: int) -> bytes:
         """format_bytes of levels num_levels..1 (top first), concatenated: what a header carries."""

@@ -30,6 +30,12 @@ def standardise(q_loc, q_scale, p_loc, p_scale) -> tuple[torch.Tensor, torch.Ten
     return m, v
 
 
+def destandardise(eps: torch.Tensor, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
+    """A level's sample from its standardised values eps (float32, flat), in p_loc's shape and dtype."""
+    eps = eps.view(p_loc.shape).to(p_loc.dtype)
+    return p_loc + p_scale * eps  # two separately rounded ops, as in the decoder
+
+
 def partition(kl_bits: np.ndarray, budget_bits: float, max_size: int) -> np.ndarray:
     """Group sizes: consecutive runs closed before their KL would exceed the budget.
 

@@ -21,7 +21,7 @@ GAMMA = 0x9E3779B97F4A7C15
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 # Counter layout: domain (3 bits) | level (3 bits) | 58-bit payload.
-POOL, SCRAMBLE, OUTLIER, GUMBEL, ZERO_RUN = 1, 2, 3, 4, 5
+SCAN, POOL, SCRAMBLE, OUTLIER, GUMBEL, ZERO_RUN = 0, 1, 2, 3, 4, 5
 MAX_LEVEL = 7
 ROW_BITS, COL_BITS = 24, 16  # pool entries: row = candidate, col = pool column
 GROUP_BITS, STEP_BITS, BLOCK_BITS, WORD_BITS = 28, 8, 8, 4  # scramble words
@@ -288,6 +288,11 @@ def outlier_normals(seed: int, level: int, dims: torch.Tensor) -> torch.Tensor:
 def zero_run_normals(seed: int, level: int, dims: torch.Tensor) -> torch.Tensor:
     """Shared N(0,1) prior draws for dims in zero-KL runs (keyed by flat dim index)."""
     return normals(seed, _signed(counter_base(ZERO_RUN, level)) | dims.to(torch.int64))
+
+
+def scan_order(seed: int, level: int, n: int, device) -> torch.Tensor:
+    """A shared pseudo-random permutation of a level's n flat dims: the dims sorted by their hash."""
+    return torch.argsort(hash64(seed, _signed(counter_base(SCAN, level)) | torch.arange(n, device=device)))
 
 
 def gumbel(seed: int, level: int, groups: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

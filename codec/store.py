@@ -83,6 +83,7 @@ def describe_model(path: Path) -> dict:
         "train_kl_bpp": terms.get("kl_bpp"),
         "train_psnr": terms.get("psnr"),
         "lossless": "lossless" in blob,  # carries a lossless head (encode --lossless)
+        "rate_head": "rate" in blob,  # carries a rate head (encode --coder sp-orc-predicted)
     }
 
 

@@ -30,6 +30,7 @@ import torch
 
 from codec.image import to_uint8
 from models import LatentVariableModel
+from models.rate_head import predict_bits
 
 DEFAULT_TILE = 1024  # padded pixels a side: the thesis-size PLN's analysis of a tile's context takes ~1 GB
 
@@ -114,45 +115,55 @@ Draw = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 PosteriorDraw = Callable[[int, int, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
 
-def encode_walk(model: LatentVariableModel, x: torch.Tensor, grid: TileGrid, draw: PosteriorDraw, beta) -> torch.Tensor:
+def encode_walk(
+    model: LatentVariableModel, x: torch.Tensor, grid: TileGrid, draw: PosteriorDraw, beta, predict_rate: bool = False
+) -> torch.Tensor:
     """The encoder's walk: each tile's analysis features (from its context, cropped to the tile; kept
     until the walk ends, 4 bytes a pixel for the thesis-size PLN), then top_down with
     z = draw(level, tile, (q_loc, q_scale), (p_loc, p_scale)), the posterior computed from the prior.
     `x` is the (1, 3, H, W) image, uint8 or float. The priors use model.prior_context (what a tiled
-    header records; one tile's context is the whole image whatever the halo). Returns z1 of the whole
-    padded image."""
+    header records; one tile's context is the whole image whatever the halo). With `predict_rate`, draw
+    also gets the rate head's predicted bits of level 1, as in top_down. Returns z1 of the whole padded
+    image."""
     feats = []
     for index in range(len(grid)):
         ctx, box = grid.context(index, model.analysis_context), grid.box(index)
         f = model.bottom_up(padded_pixels(model, x, grid, ctx), beta)
         feats.append(f if len(grid) == 1 else {k: crop(v, ctx, box).clone() for k, v in f.items()})
 
-    def posterior_draw(level: int, index: int, p_loc: torch.Tensor, p_scale: torch.Tensor) -> torch.Tensor:
+    def posterior_draw(level: int, index: int, p_loc: torch.Tensor, p_scale: torch.Tensor, *predicted) -> torch.Tensor:
         q = model.posterior(level, feats[index], p_loc, p_scale)
-        return draw(level, index, q, (p_loc, p_scale))
+        return draw(level, index, q, (p_loc, p_scale), *predicted)
 
-    z1 = top_down(model, grid, posterior_draw, beta, model.prior_context)
+    z1 = top_down(model, grid, posterior_draw, beta, model.prior_context, predict_rate)
     feats.clear()  # freed before the synthesis, the peak of memory
     return z1
 
 
-def top_down(model: LatentVariableModel, grid: TileGrid, draw: Draw, beta, prior_context: int) -> torch.Tensor:
+def top_down(
+    model: LatentVariableModel, grid: TileGrid, draw: Draw, beta, prior_context: int, predict_rate: bool = False
+) -> torch.Tensor:
     """The top-down walk over tiles: for each level from the top, for each tile (the probe tile
     first), the prior from the coded latents above in the tile's context, then
-    z = draw(level, tile, p_loc, p_scale). Returns z1 of the whole padded image, (1, C, PH/s, PW/s)."""
+    z = draw(level, tile, p_loc, p_scale). With `predict_rate`, level 1's draw is
+    draw(1, tile, p_loc, p_scale, predicted_bits): the model's rate head on the same context
+    (models/rate_head.py; the prior's halo covers it). Returns z1 of the whole padded image, (1, C, PH/s, PW/s)."""
     whole = (0, grid.height, 0, grid.width)
     z_above = None
     for level in range(model.num_levels, 0, -1):
         z = None
         for index in [grid.probe, *(i for i in range(len(grid)) if i != grid.probe)]:
-            box = grid.box(index)
+            box, extra = grid.box(index), ()
             if z_above is None:
                 p_loc, p_scale = model.prior(level, None, _latent_shape(model, level, box), beta)
             else:
                 ctx = grid.context(index, prior_context)
-                p_loc, p_scale = model.prior(level, crop(z_above, whole, ctx), _latent_shape(model, level, ctx), beta)
+                above = crop(z_above, whole, ctx)
+                p_loc, p_scale = model.prior(level, above, _latent_shape(model, level, ctx), beta)
                 p_loc, p_scale = crop(p_loc, ctx, box), crop(p_scale, ctx, box)
-            z_tile = draw(level, index, p_loc, p_scale)
+                if predict_rate:
+                    extra = (crop(predict_bits(model, above, beta), ctx, box),)
+            z_tile = draw(level, index, p_loc, p_scale, *extra)
             if len(grid) == 1:
                 z = z_tile
             else:

@@ -12,6 +12,7 @@ from .config import ModelConfig
 from .distributions import combine_gaussians, gaussian_kl
 from .lossless import LosslessHead
 from .pln import LadderVAE
+from .rate_head import RateHead
 from .vae import GaussianVAE
 
 MODELS: dict[str, type[LatentVariableModel]] = {"vae": GaussianVAE, "pln": LadderVAE}
@@ -62,13 +63,14 @@ def save_model(
 ) -> Path:
     """Export `<arch>-<tag>-<sha8>.pt`; sha8 is the first 8 hex digits of the file's SHA-256, which
     is what a .rec header refers to. `dtype` lets big models ship as fp16/bf16 (loaded back as fp32).
-    A model with a lossless head (models/lossless.py) carries it in the file's "lossless" entry."""
+    A model with a lossless head (models/lossless.py) carries it in the file's "lossless" entry, one with
+    a rate head (models/rate_head.py) in its "rate" entry."""
     model = unwrap(model)
     cfg: ModelConfig = model.cfg
     state = {
         k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone()
         for k, v in model.state_dict().items()
-        if not k.startswith("lossless_head.")
+        if not k.startswith(("lossless_head.", "rate_head."))
     }
     blob = {"format": MODEL_FORMAT, "arch": cfg.arch, "tag": tag, "config": cfg.to_dict(), "meta": meta or {}}
     blob["state_dict"] = state
@@ -78,6 +80,12 @@ def save_model(
             "config": head.config(),
             "meta": head.meta,
             "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+        }
+    if model.rate_head is not None:  # small: kept in float32
+        blob["rate"] = {
+            "config": model.rate_head.config(),
+            "meta": model.rate_head.meta,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.rate_head.state_dict().items()},
         }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +108,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         model.lossless_head = LosslessHead(**blob["lossless"]["config"])
         model.lossless_head.load_state_dict(blob["lossless"]["state_dict"])
         model.lossless_head.meta = blob["lossless"].get("meta", {})
+    if "rate" in blob:
+        model.rate_head = RateHead(**blob["rate"]["config"])
+        model.rate_head.load_state_dict(blob["rate"]["state_dict"])
+        model.rate_head.meta = blob["rate"].get("meta", {})
     info = {k: v for k, v in blob.items() if k != "state_dict"}
     info["weights_dtype"] = next((t.dtype for t in blob["state_dict"].values() if t.is_floating_point()), torch.float32)
     return model.to(device).eval(), info

@@ -49,6 +49,7 @@ class LatentVariableModel(nn.Module):
         self.likelihood = PixelLikelihood(cfg.likelihood, cfg.gamma, cfg.learn_gamma, cfg.gamma_min)
         self.conditioning: Conditioning | None = None
         self.lossless_head: nn.Module | None = None  # models/lossless.py; a model file may carry one
+        self.rate_head: nn.Module | None = None  # models/rate_head.py (PLN); a model file may carry one
 
     def condition_on_beta(self, sites: dict[str, int]) -> None:
         """Subclasses call this last in __init__ with {site: channels} when cfg.beta_knots > 0."""

@@ -84,7 +84,7 @@ import torch
 from codec.api import MAX_PIXELS, compress_image, decompress
 from codec.bitstream import RecFormatError, RecHeader, beta_to_code, pack_rec, unpack_rec, write_fields
 from codec.header_params import params_from_header
-from codec.level import _read_varint, _varint
+from codec.entropy import read_varint, varint
 from codec.lossless import build_tables
 from codec.params import _FORMAT, REGISTERED_FORMATS, CoderParams
 from codec.store import ModelNotFoundError, ModelStore
@@ -277,13 +277,13 @@ class SectionParts:
     def split(cls, section: bytes) -> "SectionParts":
         body, counts, pos = section[:-4], [], 4
         for _ in COUNT_NAMES:
-            n, pos = _read_varint(body, pos)
+            n, pos = read_varint(body, pos)
             counts.append(n)
         return cls(body[:4], counts, body[pos : pos + counts[3]], body[pos + counts[3] :])
 
     def join(self) -> bytes:
         """The section bytes with a valid CRC."""
-        count_bytes = b"".join(map(_varint, self.counts)) if self.count_bytes is None else self.count_bytes
+        count_bytes = b"".join(map(varint, self.counts)) if self.count_bytes is None else self.count_bytes
         body = self.head + count_bytes + self.rans + self.raw_bits
         return body + struct.pack(">I", zlib.crc32(body))
 
@@ -342,7 +342,7 @@ def mutate_section(sections: list[bytes], rng: np.random.Generator, lossless: bo
         what = f"{COUNT_NAMES[k]} {parts.counts[k]} -> {new}"
         parts.counts[k] = new
     elif where == "count bytes":
-        good = b"".join(map(_varint, parts.counts))
+        good = b"".join(map(varint, parts.counts))
         bad = [b"\xff" * 10 + b"\x01", b"\x80" * 9, good[:-1], good + b"\x00", b"\x80\x00" + good[1:]]
         parts.count_bytes = pick(rng, bad)
         what = f"varint bytes {good.hex()} -> {parts.count_bytes.hex()}"

@@ -32,7 +32,7 @@ from codec.lossless import build_tables
 from codec.rate import quality_beta
 from models import load_model, save_model
 from models.lossless import LosslessHead
-from training.data import list_images, read_training_image
+from training.data import list_images, sampled_crops
 from training.run import hardware
 
 
@@ -41,13 +41,8 @@ def make_pairs(model, files: list[Path], pairs: int, crop: int, qualities: list[
     rng = random.Random(seed)
     torch.manual_seed(seed)
     xs, x_hats, betas = [], [], []
-    for i in range(pairs):
-        image = read_training_image(files[i % len(files)])
-        h, w, _ = image.shape
-        if min(h, w) < crop:
-            continue
-        top, left = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
-        x = torch.from_numpy(image[top : top + crop, left : left + crop]).permute(2, 0, 1)[None].contiguous()
+    for i, patch in sampled_crops(files, pairs, crop, rng):
+        x = torch.from_numpy(patch).permute(2, 0, 1)[None].contiguous()
         beta = quality_beta(rng.choice(qualities), model.beta_range) if model.variable_rate else None
         with torch.inference_mode():
             x_hat = model(x.float() / 255, sample=True, beta=beta)["x_hat"]

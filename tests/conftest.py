@@ -36,6 +36,14 @@ def photo_dir(tmp_path) -> Path:
     return folder
 
 
+def photo(h, w, seed=0):
+    """A smooth synthetic (h, w, 3) uint8 image with a little noise."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(9 * xx + seed), np.cos(7 * yy), np.sin(13 * xx * yy)], -1) * 0.4 + 0.5
+    img += 0.05 * np.random.default_rng(seed).standard_normal(img.shape)
+    return (img.clip(0, 1) * 255).astype(np.uint8)
+
+
 def offline_cli(monkeypatch, capsys, folder: Path, params):
     """`run(*argv) -> (exit code, stdout, stderr)` of the rec-codec command with models only from
     `folder` and every preset replaced by the small CoderParams `params` (fast enough for tiny models)."""

@@ -5,6 +5,8 @@ encoder wrote and the sample they decode to (`thesis-importance` level 2: the by
 wrote before its level 2 moved to the greedy walk). tests/expected/golden.rec was written with the `thesis`
 preset by the tiny PLN in tests/expected/pln-golden-*.pt; golden.png is what it decoded to. golden-vbr.rec
 (format version 2, with a β) was written at β = 2.5 by the tiny variable-rate PLN pln-golden-vbr-*.pt.
+tests/expected/layout_v1.npz holds the same for the `sp-orc-predicted` level coder (codec/layout.py), with
+the predicted bits it was laid out from.
 
 A failing *decode* test means old files would no longer decode: a bug, or a change that needs a new
 format or RNG version. A failing *encode* test with passing decode tests means the encoder now writes
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from codec import CoderParams, decode_level, encode_level
+from codec import CoderParams, decode_level, encode_level, layout
 from codec.api import compress_image, decompress
 from codec.store import ModelRef, ModelStore
 from codec.image import load_rgb, save_png
@@ -26,6 +28,7 @@ from models import ModelConfig, build_model, save_model
 
 EXPECTED = Path(__file__).resolve().parent / "expected"
 CODER_FILE = EXPECTED / "coder_v2.npz"
+LAYOUT_FILE = EXPECTED / "layout_v1.npz"
 CASES = [("thesis", 1), ("thesis", 2), ("thesis-importance", 2), ("fast", 1), ("fast", 2)]
 SHAPES = {1: (1, 8, 8, 12), 2: (1, 4, 4, 6)}
 SEED = 7
@@ -82,6 +85,19 @@ def test_encoder_still_writes_the_golden_bytes(golden, preset, level):
     )
 
 
+def test_golden_sp_orc_predicted_level_decodes_to_the_same_sample_and_is_still_written():
+    arrays = dict(np.load(LAYOUT_FILE))
+    q_loc, q_scale, p_loc, p_scale = tensors(arrays, "")
+    predicted, params = torch.from_numpy(arrays["predicted"]), CoderParams.preset(layout.SAMPLER)
+    data = arrays["bytes"].tobytes()
+    sample = layout.decode_level(p_loc, p_scale, data, predicted, seed=SEED, level=1, params=params)
+    assert np.array_equal(sample.numpy().view(np.uint32), arrays["sample"].view(np.uint32)), (
+        "files written by an earlier build decode differently: bump the format or RNG version"
+    )
+    _, written, _ = layout.encode_level(q_loc, q_scale, p_loc, p_scale, predicted, seed=SEED, level=1, params=params)
+    assert written == data, "the encoder writes different bytes; if intended: python tests/test_golden.py --regenerate"
+
+
 def test_golden_rec_file_decodes_to_the_same_pixels():
     decoded, header = decompress((EXPECTED / "golden.rec").read_bytes(), ModelStore(dirs=[EXPECTED]))
     expected = load_rgb(EXPECTED / "golden.png")
@@ -122,6 +138,22 @@ def regenerate() -> None:
     save_png(x_hat, EXPECTED / "golden.png")
     print(f"wrote {CODER_FILE}, {path.name}, golden.rec ({len(data)} bytes), golden.png")
     regenerate_variable_rate()
+    regenerate_layout()
+
+
+def regenerate_layout() -> None:
+    """layout_v1.npz: level 1 of synthetic q, p coded by sp-orc-predicted from a noisy prediction of the KL."""
+    syn = synthetic(1)
+    q_loc, q_scale, p_loc, p_scale = (torch.from_numpy(syn[k]) for k in ("q_loc", "q_scale", "p_loc", "p_scale"))
+    ratio = (q_scale / p_scale).double()
+    kl = (ratio**2 + ((q_loc - p_loc) / p_scale).double() ** 2 - 1 - torch.log(ratio**2)) / (2 * np.log(2))
+    i = torch.arange(kl.numel(), dtype=torch.float64).view(kl.shape)
+    predicted = kl * (1 + 0.3 * torch.sin(i))
+    params = CoderParams.preset(layout.SAMPLER)
+    sample, data, _ = layout.encode_level(q_loc, q_scale, p_loc, p_scale, predicted, seed=SEED, level=1, params=params)
+    arrays = dict(syn, predicted=predicted.numpy(), bytes=np.frombuffer(data, dtype=np.uint8), sample=sample.numpy())
+    np.savez_compressed(LAYOUT_FILE, **arrays)
+    print(f"wrote {LAYOUT_FILE} ({len(data)} bytes of level 1)")
 
 
 def regenerate_variable_rate() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import offline_cli
+from conftest import offline_cli, photo
 from codec import lossless
 from codec.api import compress_image, decompress
 from codec.bitstream import RecFormatError, RecHeader, pack_rec, unpack_rec
@@ -22,13 +22,6 @@ RANGE = dict(beta_knots=4, beta_min=0.5, beta_max=8.0)
 SMALL = CoderParams(
     level1=LevelParams("greedy", 8, 4, 4095, 1.0, 24.0), level2=LevelParams("importance", 8, 1, 15, 1.0, 12.0)
 )
-
-
-def photo(h, w, seed=0):
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([np.sin(9 * xx + seed), np.cos(7 * yy), np.sin(13 * xx * yy)], -1) * 0.4 + 0.5
-    img += 0.05 * np.random.default_rng(seed).standard_normal(img.shape)
-    return (img.clip(0, 1) * 255).astype(np.uint8)
 
 
 def head_with_weights(seed: int = 0) -> LosslessHead:

@@ -5,6 +5,7 @@ uninterrupted run would have, with no sampler state to save; each DDP rank draws
 """
 
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,19 @@ def read_training_image(path: Path) -> np.ndarray:
         return load_image(path)[0]
     except ImageError as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def sampled_crops(files: list[Path], count: int, crop: int, rng: random.Random):
+    """Up to `count` random crop × crop patches, one from each of `files` in turn (images smaller than
+    that are skipped): yields (i, (crop, crop, 3) uint8 crop of files[i % len(files)]); `rng` draws the
+    positions."""
+    for i in range(count):
+        image = read_training_image(files[i % len(files)])
+        h, w, _ = image.shape
+        if min(h, w) < crop:
+            continue
+        top, left = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
+        yield i, image[top : top + crop, left : left + crop]
 
 
 class RandomCrops:
