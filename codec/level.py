@@ -25,6 +25,9 @@ The rejection sampler (codec/rejection.py) codes one-dim groups: one more rANS f
 floor(log2 K) + 1 of each dim's accepted round K, 0 where none was accepted within the budget, and
 the raw bits end with K's mantissas and then the fallback dims' 16-bit quantised posterior draws.
 
+The sp-orc-predicted sampler has a section of its own (codec/layout.py): its blocks are laid out from
+the model's rate head, so it sends no segments or group sizes. Every other sampler's section is
+
     u8 version (2) | u8 sampler | u16 params check | varint n_segments | varint n_zero_runs
     | varint n_outliers | varint len(rans) | rANS side info (segment kinds/lengths, group
     sizes, zero-run lengths, outlier gaps[, block or rejection index buckets]) | raw bits (tables or raw

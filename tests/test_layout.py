@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import photo
+from PIL import Image
+
+from conftest import offline_cli, photo
 from codec import layout, pfr
 from codec.api import compress_image, decompress
 from codec.bitstream import RecFormatError
@@ -195,6 +197,20 @@ def test_the_coder_needs_a_pln_model_with_a_rate_head(models):
     stripped, _ = load_model(plain)
     with pytest.raises(RecFormatError, match="rate head"):
         decompress(data, lambda h: stripped)
+
+
+def test_cli_codes_with_a_rate_head_and_refuses_a_model_without_one(models, monkeypatch, capsys, tmp_path):
+    d, with_head, plain = models
+    run = offline_cli(monkeypatch, capsys, d, SMALL)
+    Image.fromarray(photo(45, 61)).save(tmp_path / "c.png")
+    code, _, err = run("encode", tmp_path / "c.png", "--coder", "sp-orc-predicted", "--model", plain)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "has no rate head" in err
+    assert not (tmp_path / "c.rec").exists()
+    assert run("encode", tmp_path / "c.png", "--coder", "sp-orc-predicted", "--model", with_head)[0] == 0
+    assert run("decode", tmp_path / "c.rec", "-o", tmp_path / "c.rec.png")[0] == 0
+    code, out, _ = run("models")
+    lines = {line.split(":")[0].split(" ")[0]: line for line in out.splitlines()}
+    assert "rate head" in lines[with_head.stem] and "rate head" not in lines[plain.stem]
 
 
 def test_the_preset_codes_blocks_of_2_to_the_10_candidates_and_24_predicted_bits():
