@@ -2,7 +2,7 @@
 
     python -m scripts.bench_presets --data ../shared/data/kodak --limit 4 --quality 1 4 8 --threads 1 \\
         -o results/coders/
-    python -m scripts.bench_presets --data DIR --presets orc sp-orc --model weights/pln-vbr-929fe90f.pt -o OUT/
+    python -m scripts.bench_presets --data DIR --presets orc sp-orc --model weights/pln-vbr-b466eb67.pt -o OUT/
 
 Runs scripts.eval_rd once per preset (real .rec files, decoded and checked against the encoder's
 image; the ideal pass gives the exact-sample PSNR) into OUT/<preset>.json with per-image values,

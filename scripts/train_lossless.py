@@ -1,6 +1,6 @@
 """Train the lossless head of a model file and write the model file with the head added.
 
-    python -m scripts.train_lossless --model EXPORT.pt --init-head weights/pln-vbr-929fe90f.pt \\
+    python -m scripts.train_lossless --model EXPORT.pt --init-head weights/pln-vbr-b466eb67.pt \\
         --data ../shared/data/photos:../shared/data/photos-extra --minutes 20 --out-dir weights
 
 1. Pairs: `--pairs` random crops of `--crop` pixels a side from the training images, each with its

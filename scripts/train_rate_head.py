@@ -1,6 +1,6 @@
 """Train the rate head of a PLN model file and write the model file with the head added.
 
-    python -m scripts.train_rate_head --model weights/pln-vbr-929fe90f.pt \\
+    python -m scripts.train_rate_head --model weights/pln-vbr-b466eb67.pt \\
         --data ../shared/data/photos:../shared/data/photos-extra --minutes 10 --out-dir weights
 
 1. Examples: `--crops` random crops of `--crop` pixels a side from the training images, each at a β
