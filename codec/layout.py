@@ -117,10 +117,10 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, l
     eps[out_pos] = dequantise(q, params.outlier_range)
     eps[zero_pos] = rng.zero_run_normals(seed, level, zero_pos)
     keys = ks = torch.zeros(0, dtype=torch.int64, device=device)
-    lay, search = None, {"steps": torch.zeros(0)}
+    lay = None
     if cod_pos.numel():
         lay = block_layout(units[cod_pos], lp)
-        eps[cod_pos], keys, ks, search = pfr.code_blocks(
+        eps[cod_pos], keys, ks, _ = pfr.code_blocks(
             m[cod_pos],
             v[cod_pos],
             lay,
