@@ -111,8 +111,8 @@ def padded_pixels(model: LatentVariableModel, x: torch.Tensor, grid: TileGrid, b
     return part.float() / 255.0 if x.dtype == torch.uint8 else part
 
 
-Draw = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
-PosteriorDraw = Callable[[int, int, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+Draw = Callable[..., torch.Tensor]  # (level, tile, p_loc, p_scale[, predicted_bits]) -> z
+PosteriorDraw = Callable[..., torch.Tensor]  # (level, tile, (q_loc, q_scale), (p_loc, p_scale)[, predicted_bits]) -> z
 
 
 def encode_walk(
@@ -147,7 +147,8 @@ def top_down(
     first), the prior from the coded latents above in the tile's context, then
     z = draw(level, tile, p_loc, p_scale). With `predict_rate`, level 1's draw is
     draw(1, tile, p_loc, p_scale, predicted_bits): the model's rate head on the same context
-    (models/rate_head.py; the prior's halo covers it). Returns z1 of the whole padded image, (1, C, PH/s, PW/s)."""
+    (models/rate_head.py; it reaches as far as the prior's networks). Returns z1 of the whole padded
+    image, (1, C, PH/s, PW/s)."""
     whole = (0, grid.height, 0, grid.width)
     z_above = None
     for level in range(model.num_levels, 0, -1):

@@ -10,8 +10,9 @@ from this head's prediction. A wrong prediction costs rate or fidelity, never co
 
 Both sides must get the same layout, bit for bit, on any device. The head therefore runs the model's
 level-2 decoder and itself in float64 (`predict_bits`), with the β conditioning computed in float64
-too: CPU and GPU then agree to ~1e-13 bits, and codec/layout.py flags the few values near a
-rounding edge. Training runs the same networks in float32 (scripts/train_rate_head.py).
+too, from the coded z2 (the same floats on every device): devices and thread counts then differ only
+by float64 rounding, ~1e-13 bits, and codec/layout.py flags the few values near a rounding edge.
+Training runs the same networks in float32 (scripts/train_rate_head.py).
 """
 
 import math
