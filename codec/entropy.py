@@ -13,6 +13,7 @@ import zlib
 import warnings
 
 import numpy as np
+import torch
 
 
 @functools.cache
@@ -245,6 +246,11 @@ def decode_fields(data: bytes, sizes: list[tuple[int, int]], bits: BitReader) ->
 
 def bit_length(n: int) -> int:
     return max(1, math.ceil(math.log2(n + 1)))
+
+
+def position_gaps(positions) -> np.ndarray:
+    """Sorted distinct positions (a torch tensor) as gaps >= 1 (the first from -1), for bucketize."""
+    return torch.diff(positions, prepend=positions.new_tensor([-1])).cpu().numpy()
 
 
 def varint(n: int) -> bytes:

@@ -38,11 +38,12 @@ from codec.entropy import (
     encode_fields,
     frame_section,
     open_section,
+    position_gaps,
     unbucketize,
 )
 from codec.group_coders import OUTLIER_BITS_Q, dequantise, quantised_draw
 from codec.params import SAMPLERS, CoderParams, LevelParams
-from codec.plan import check_dims, destandardise, kl_nats, standardise
+from codec.plan import check_dims, destandardise, standardise
 
 SECTION_FORMAT_VERSION = 1
 SAMPLER = "sp-orc-predicted"
@@ -92,10 +93,6 @@ def _scan(seed: int, level: int, n: int, units: torch.Tensor, outlier: torch.Ten
     return order[zero], order[~zero]
 
 
-def _gaps(positions: torch.Tensor) -> np.ndarray:
-    return torch.diff(positions, prepend=positions.new_tensor([-1])).cpu().numpy()
-
-
 @torch.no_grad()
 def encode_level(q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, level: int, params: CoderParams):
     """(sample, data, stats) of q = N(q_loc, q_scale^2) against p = N(p_loc, p_scale^2), with the layout
@@ -105,7 +102,7 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, l
     m, v = standardise(q_loc, q_scale, p_loc, p_scale)
     n, device = m.numel(), m.device
     check_dims(n)
-    kl_bits = kl_nats(m, v) / np.log(2.0)
+    kl_bits = pfr.kl_bits(m, v)
     units, flagged = quantise(predicted_bits.flatten().to(device))
     outlier = kl_bits > lp.outlier_bits
     out_pos = torch.nonzero(outlier).squeeze(1)
@@ -132,8 +129,8 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, l
         )
 
     bits = BitWriter()
-    out_sym, out_mant, out_w = bucketize(_gaps(out_pos), 0)
-    flag_sym, flag_mant, flag_w = bucketize(_gaps(flag_pos), 0)
+    out_sym, out_mant, out_w = bucketize(position_gaps(out_pos), 0)
+    flag_sym, flag_mant, flag_w = bucketize(position_gaps(flag_pos), 0)
     k_sym, k_mant, k_w = bucketize(ks.cpu().numpy(), 0)
     rans = encode_fields([(out_sym, _LONG), (flag_sym, _LONG), (k_sym, pfr.INDEX_ALPHABET)], bits)
     bits.write(out_mant, out_w)

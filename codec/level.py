@@ -48,6 +48,7 @@ from codec.entropy import (
     encode_fields,
     frame_section,
     open_section,
+    position_gaps,
     unbucketize,
 )
 from codec.group_coders import OUTLIER_BITS_Q, dequantise, group_coder, quantised_draw
@@ -133,8 +134,7 @@ def encode_level(
     size_alphabet, direct = _size_field(lp)
     size_sym, size_mant, size_w = bucketize(sizes - 1 if direct else sizes, direct)
     zl_sym, zl_mant, zl_w = bucketize(seg_sizes[seg_zero], 0)
-    gaps = torch.diff(out_pos, prepend=out_pos.new_tensor([-1])).cpu().numpy()
-    gap_sym, gap_mant, gap_w = bucketize(gaps, 0)
+    gap_sym, gap_mant, gap_w = bucketize(position_gaps(out_pos), 0)
     fields = [(len_sym, len_alphabet), (size_sym, size_alphabet), (zl_sym, _LONG), (gap_sym, _LONG)]
     if coder.index_alphabet(lp) is not None:
         fields.append((coded.own_field, coder.index_alphabet(lp)))
