@@ -48,8 +48,10 @@ plus floor(log2 k) raw mantissa bits.
     u8 format version | u8 method | u32 n_blocks | u32 len(rans) | rANS buckets
     | raw bits (bucket table, bin tuples, mantissas) | u32 CRC32 of everything before
 
-Everything is batched over blocks (no Python loop over blocks); the search loops over chunks
-of candidates, each for all blocks still searching. The four methods stay in one module, past
+Everything is batched over blocks (no Python loop over blocks). The exact searches loop over
+chunks of candidates, each for all blocks still searching; orc / sp-orc, whose budget is fixed,
+take batches of consecutive blocks that fit the memory and draw every arrival's bin first, so that
+one sort numbers the arrivals of each bin. The four methods stay in one module, past
 ~300 lines, because they are one search, one candidate stream and one index code.
 """
 
@@ -307,42 +309,36 @@ class _Best:
 
 
 @torch.no_grad()
-def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, memory_elems, mix, only=None):
-    """Run the pfr / orc / sp-orc search of every block (of the blocks `only`, a bool mask, if given),
-    over the superposed arrivals: returns (best, steps, capped)."""
+def _search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems, mix, only=None):
+    """Run the pfr search (sp-pfr's under one global bound) of every block (of the blocks `only`, a
+    bool mask, if given) over the superposed arrivals: returns (best, steps, capped)."""
     device = m.device
     n_blocks = lay.n_blocks
     spatial = bool(lay.bin_bits.any())
     s = v.sqrt()
-    log_bound = _log_bounds(m, v, lay, mix) if exact else None
-    limit = max_steps if exact else budget
+    log_bound = _log_bounds(m, v, lay, mix)
     best = _Best(
         torch.full((n_blocks,), -math.inf, dtype=torch.float64, device=device),
         torch.zeros(n_blocks, dtype=torch.int64, device=device),
         torch.ones(n_blocks, dtype=torch.int64, device=device),
     )
-    steps = torch.full((n_blocks,), limit, dtype=torch.int64, device=device)
+    steps = torch.full((n_blocks,), max_steps, dtype=torch.int64, device=device)
     capped = torch.zeros(n_blocks, dtype=torch.bool, device=device)
     t_last = torch.zeros(n_blocks, dtype=torch.float64, device=device)
     active = torch.ones(n_blocks, dtype=torch.bool, device=device) if only is None else only.clone()
     counter = _BinCounter(device)
     n0, chunk = 0, 64
-    while n0 < limit and bool(active.any()):
+    while n0 < max_steps and bool(active.any()):
         blocks = torch.nonzero(active).squeeze(1)  # (A,)
         dims = torch.nonzero(active[lay.dim_block]).squeeze(1)  # (D_a,) in block order
         local = torch.cumsum(active.long(), 0)[lay.dim_block[dims]] - 1  # dim -> column of its block
-        c = max(1, min(chunk, memory_elems // max(1, dims.numel()), limit - n0))
+        c = max(1, min(chunk, memory_elems // max(1, dims.numel()), max_steps - n0))
         ns = torch.arange(n0, n0 + c, device=device)[:, None]  # (C, 1)
         gaps = -torch.log(rng.pfr_private_uniforms(seed, level, rng.PFR_ARRIVAL, blocks, ns, torch.zeros_like(ns)))
         t = t_last[blocks] + torch.cumsum(gaps, 0)  # (C, A) arrival times
         md, sd, vd, bits = m[dims], s[dims], v[dims], lay.bin_bits[dims]
-        if spatial:  # bin of each arrival ~ pi: a private y ~ q per dim, j = floor(J Phi(y))
-            u = rng.pfr_private_uniforms(seed, level, rng.PFR_BIN, lay.dim_block[dims], ns, lay.dim_pos[dims])
-            n_bins = 1 << bits
-            from_q = u >= mix  # else a uniform bin: the mixture keeps far bins' weight bounded
-            u = torch.where(from_q, (u - mix) / (1.0 - mix), u / mix if mix > 0 else u)
-            cdf = torch.where(from_q, torch.special.ndtr(md + sd * torch.special.ndtri(u)), u)
-            j = torch.minimum((cdf * n_bins).floor().long(), n_bins - 1)
+        if spatial:
+            j = _draw_bins(md, sd, bits, lay.dim_block[dims], lay.dim_pos[dims], ns, seed=seed, level=level, mix=mix)
             keys = _block_sum(j << lay.key_shift[dims], local, blocks.numel())  # disjoint bit fields
             ks = counter.next_ks(blocks, keys)
             log_pi = _log_bin_weight(md, sd, j, bits, mix)
@@ -353,31 +349,145 @@ def _search(m, v, lay: BlockLayout, *, seed, level, exact, budget, max_steps, me
         x = _points(seed, level, lay, dims, ks[:, local], keys[:, local]).double()
         per_dim = _log_ratio_dims(x, md, vd) - bits * _LN2 - log_pi
         score = _block_sum(per_dim, local, blocks.numel()) - torch.log(t)  # (C, A)
-        chunk_best, at = score.max(0)
         before_chunk = best.score[blocks]
-        better = chunk_best > before_chunk
-        cols = torch.arange(blocks.numel(), device=device)
-        take = blocks[better]
-        best.score[take] = chunk_best[better]
-        best.key[take] = keys[at, cols][better]
-        best.k[take] = ks[at, cols][better]
+        _keep_best(best, blocks, score, keys, ks)
         if int(ks.max()) >= MAX_INDEX:
-            raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller budget or max_steps")
+            raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller max_steps")
         n0 += c
         t_last[blocks] = t[-1]
-        if exact:  # stop at the first n with log r'_max - log T_n < the best score before n
-            shifted = torch.cat([torch.full_like(score[:1], -math.inf), torch.cummax(score, 0).values[:-1]])
-            done = log_bound[blocks][None] - torch.log(t) < torch.maximum(shifted, before_chunk[None])
-            stopped = done.any(0)
-            steps[blocks[stopped]] = n0 - c + (~done).sum(0)[stopped]
-            active[blocks[stopped]] = False
-        if n0 >= limit:
-            capped[blocks[active[blocks]]] = exact
+        # stop at the first n with log r'_max - log T_n < the best score before n
+        shifted = torch.cat([torch.full_like(score[:1], -math.inf), torch.cummax(score, 0).values[:-1]])
+        done = log_bound[blocks][None] - torch.log(t) < torch.maximum(shifted, before_chunk[None])
+        stopped = done.any(0)
+        steps[blocks[stopped]] = n0 - c + (~done).sum(0)[stopped]
+        active[blocks[stopped]] = False
+        if n0 >= max_steps:
+            capped[blocks[active[blocks]]] = True
             active[:] = False
         if spatial:
             counter.keep_blocks(active)
         chunk *= 2
     return best, steps, capped
+
+
+def _draw_bins(md, sd, bits, blocks, positions, ns, *, seed, level, mix) -> torch.Tensor:
+    """The bin j of (C, D) arrivals `ns` of dims (md, sd, bits, their block and position in it), drawn
+    privately from pi: with probability mix a uniform bin (which keeps far bins' weight bounded),
+    else j = floor(J Phi(y)) for y ~ q."""
+    u = rng.pfr_private_uniforms(seed, level, rng.PFR_BIN, blocks, ns, positions)
+    n_bins = 1 << bits
+    from_q = u >= mix
+    u = torch.where(from_q, (u - mix) / (1.0 - mix), u / mix if mix > 0 else u)
+    cdf = torch.where(from_q, torch.special.ndtr(md + sd * torch.special.ndtri(u)), u)
+    return torch.minimum((cdf * n_bins).floor().long(), n_bins - 1)
+
+
+def _keep_best(best: _Best, blocks, score, keys, ks) -> None:
+    """Update the best arrival of `blocks` with (C, A) scores of a chunk of their arrivals."""
+    chunk_best, at = score.max(0)
+    better = chunk_best > best.score[blocks]
+    cols = torch.arange(blocks.numel(), device=score.device)
+    take = blocks[better]
+    best.score[take] = chunk_best[better]
+    best.key[take] = keys[at, cols][better]
+    best.k[take] = ks[at, cols][better]
+
+
+def _ranks_in_bins(keys: torch.Tensor) -> torch.Tensor:
+    """1-based k of each arrival in its bin: (N, A) bin keys of N arrivals (in order) of A blocks."""
+    n = keys.shape[0]
+    ordered, order = torch.sort(keys, dim=0, stable=True)
+    row = torch.arange(n, device=keys.device)[:, None].expand_as(keys)
+    new = torch.ones_like(keys, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    run_start = torch.cummax(torch.where(new, row, 0), dim=0).values
+    return torch.empty_like(keys).scatter_(0, order, row - run_start + 1)
+
+
+def _arrival_bins(m, s, lay: BlockLayout, dims, local, n_cols, *, seed, level, budget, memory_elems, mix):
+    """(bin keys, log pi of the bin tuple), (budget, n_cols), of the first `budget` arrivals of the
+    blocks of `dims` (columns `local`). A dim with at most `budget` bins has its log pi_d,j tabled
+    once, cheaper than computing it for each arrival."""
+    device = m.device
+    keys = torch.zeros(budget, n_cols, dtype=torch.int64, device=device)
+    log_pi = torch.zeros(budget, n_cols, dtype=torch.float64, device=device)
+    binned = lay.bin_bits[dims] > 0
+    dims, local = dims[binned], local[binned]
+    if dims.numel() == 0:
+        return keys, log_pi
+    md, sd, bits, shift = m[dims], s[dims], lay.bin_bits[dims], lay.key_shift[dims]
+    blocks, positions = lay.dim_block[dims], lay.dim_pos[dims]
+    tabled = (1 << bits) <= budget
+    t_dims = torch.nonzero(tabled).squeeze(1)
+    t_bins = 1 << bits[t_dims]
+    offset = torch.cumsum(t_bins, 0) - t_bins
+    t_rep = torch.repeat_interleave(t_dims, t_bins)
+    t_j = torch.arange(t_rep.numel(), device=device) - torch.repeat_interleave(offset, t_bins)
+    table = _log_bin_weight(md[t_rep], sd[t_rep], t_j, bits[t_rep], mix)
+    other = torch.nonzero(~tabled).squeeze(1)
+    chunk = max(1, min(budget, memory_elems // dims.numel()))
+    for n0 in range(0, budget, chunk):
+        ns = torch.arange(n0, min(budget, n0 + chunk), device=device)[:, None]
+        j = _draw_bins(md, sd, bits, blocks, positions, ns, seed=seed, level=level, mix=mix)
+        keys[n0 : n0 + ns.numel()] = _block_sum(j << shift, local, n_cols)  # disjoint bit fields
+        per_dim = torch.empty(j.shape, dtype=torch.float64, device=device)
+        per_dim[:, t_dims] = table[offset + j[:, t_dims]]
+        if other.numel():
+            per_dim[:, other] = _log_bin_weight(md[other], sd[other], j[:, other], bits[other], mix)
+        log_pi[n0 : n0 + ns.numel()] = _block_sum(per_dim, local, n_cols)
+    return keys, log_pi
+
+
+@torch.no_grad()
+def _orc_search(m, v, lay: BlockLayout, *, seed, level, budget, memory_elems, mix):
+    """The orc / sp-orc search: the argmax of log r'(X_n) - log T_n over the first `budget` arrivals
+    of every block. Consecutive blocks go in batches, each in two passes over its arrivals: first
+    their bins (all of them, so that one sort gives every arrival its index k in its bin), then
+    their points and scores, a chunk of arrivals at a time."""
+    device = m.device
+    n_blocks = lay.n_blocks
+    s = v.sqrt()
+    best = _Best(
+        torch.full((n_blocks,), -math.inf, dtype=torch.float64, device=device),
+        torch.zeros(n_blocks, dtype=torch.int64, device=device),
+        torch.ones(n_blocks, dtype=torch.int64, device=device),
+    )
+    ends = torch.cumsum(lay.sizes, 0).tolist()
+    ns_all = torch.arange(budget, device=device)[:, None]
+    per_batch = max(1, memory_elems // budget)  # blocks a batch: its (budget, blocks) tables fit the memory
+    for b0 in range(0, n_blocks, per_batch):
+        b1 = min(n_blocks, b0 + per_batch)
+        blocks = torch.arange(b0, b1, device=device)
+        dims = torch.arange(ends[b0] - int(lay.sizes[b0]), ends[b1 - 1], device=device)
+        local = lay.dim_block[dims] - b0
+        arrivals = rng.pfr_private_uniforms(seed, level, rng.PFR_ARRIVAL, blocks, ns_all, torch.zeros_like(ns_all))
+        log_t = torch.log(torch.cumsum(-torch.log(arrivals), 0))  # (budget, A) log arrival times
+        keys, log_pi = _arrival_bins(
+            m,
+            s,
+            lay,
+            dims,
+            local,
+            blocks.numel(),
+            seed=seed,
+            level=level,
+            budget=budget,
+            memory_elems=memory_elems,
+            mix=mix,
+        )
+        ks = _ranks_in_bins(keys) if bool(lay.bin_bits[dims].any()) else (ns_all + 1).expand_as(keys)
+        if int(ks.max()) >= MAX_INDEX:
+            raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller budget")
+        md, vd = m[dims], v[dims]
+        scale = lay.block_bin_bits[blocks] * _LN2  # log J
+        chunk = max(1, min(budget, memory_elems // dims.numel()))
+        for n0 in range(0, budget, chunk):
+            n1 = min(budget, n0 + chunk)
+            x = _points(seed, level, lay, dims, ks[n0:n1, local], keys[n0:n1, local]).double()
+            log_r = _block_sum(_log_ratio_dims(x, md, vd), local, blocks.numel())
+            score = log_r - scale - log_pi[n0:n1] - log_t[n0:n1]
+            _keep_best(best, blocks, score, keys[n0:n1], ks[n0:n1])
+    return best
 
 
 def _segment_ranks(counts: torch.Tensor) -> torch.Tensor:
@@ -591,17 +701,19 @@ def code_blocks(
         listed = lay.block_bin_bits <= MAX_SEARCH_BIN_BITS
         best, steps, capped, log_bound = _bin_search(m, v, lay, only=listed, **search)
         if not bool(listed.all()):
-            other, other_steps, other_capped = _search(
-                m, v, lay, exact=True, budget=None, mix=bin_mix, only=~listed, **search
-            )
+            other, other_steps, other_capped = _search(m, v, lay, mix=bin_mix, only=~listed, **search)
             best.key = torch.where(listed, best.key, other.key)
             best.k = torch.where(listed, best.k, other.k)
             steps = torch.where(listed, steps, other_steps)
             capped = torch.where(listed, capped, other_capped)
             log_bound = torch.where(listed, log_bound, _log_bounds(m, v, lay, bin_mix))
+    elif exact:
+        best, steps, capped = _search(m, v, lay, mix=bin_mix, **search)
+        log_bound = _log_bounds(m, v, lay, bin_mix)
     else:
-        best, steps, capped = _search(m, v, lay, exact=exact, budget=budget, mix=bin_mix, **search)
-        log_bound = _log_bounds(m, v, lay, bin_mix) if exact else None
+        best = _orc_search(m, v, lay, seed=seed, level=level, budget=budget, memory_elems=memory_elems, mix=bin_mix)
+        steps = torch.full((lay.n_blocks,), budget, dtype=torch.int64, device=m.device)
+        capped, log_bound = torch.zeros_like(steps, dtype=torch.bool), None
     stats = dict(
         steps=steps,
         index=best.k,

@@ -167,13 +167,39 @@ def test_round_trip_is_bit_exact(method):
 def test_search_does_not_depend_on_chunking():
     n_blocks = 60
     m, v, info = channel(n_blocks, [0.5, 1.0, 2.0, 3.0], seed=12)
-    for method, bins in (("pfr", None), ("sp-pfr", sp_bits(info, n_blocks, 4))):
+    bins = sp_bits(info, n_blocks, 4)
+    # orc / sp-orc: 1 or 7-15 batches of blocks; sp-orc's dims of 2^3 bins > 4 candidates skip the bin table
+    cases = (("pfr", None, None, 500), ("sp-pfr", bins, None, 500), ("orc", None, 64, 500), ("sp-orc", bins, 4, 20))
+    for method, bin_bits, budget, small in cases:
         runs = [
-            pfr.encode_blocks(m, v, [4] * n_blocks, seed=1, method=method, bin_bits=bins, memory_elems=mem)
-            for mem in (500, 1 << 18)
+            pfr.encode_blocks(
+                m, v, [4] * n_blocks, seed=1, method=method, budget=budget, bin_bits=bin_bits, memory_elems=mem
+            )
+            for mem in (small, 1 << 18)
         ]
         assert runs[0][1] == runs[1][1]
         assert torch.equal(runs[0][2]["steps"], runs[1][2]["steps"])
+
+
+def test_sp_orc_bin_weights_are_the_same_tabled_or_computed_per_arrival():
+    n_blocks = 30
+    m, v, info = channel(n_blocks, [0.5, 1.0, 2.0, 3.0], seed=14)
+    lay = pfr.make_layout([4] * n_blocks, sp_bits(info, n_blocks, 4), "cpu")  # 0-3 bits a dim
+    dims = torch.arange(4 * n_blocks)
+    runs = [
+        pfr._arrival_bins(
+            m, v.sqrt(), lay, dims, lay.dim_block, n_blocks, seed=3, level=1, budget=budget, memory_elems=64, mix=0.05
+        )
+        for budget in (4, 64)  # 2^3 bins: computed per arrival with 4 candidates, tabled with 64
+    ]
+    assert torch.equal(runs[0][0], runs[1][0][:4])
+    assert torch.allclose(runs[0][1], runs[1][1][:4], rtol=0, atol=1e-12)
+    assert float(runs[1][1].min()) < -1.0  # the weights are not all 0
+
+
+def test_sp_orc_numbers_the_arrivals_of_each_bin_in_order():
+    keys = torch.tensor([[5, 0], [3, 0], [5, 7], [5, 0], [3, 7]])
+    assert pfr._ranks_in_bins(keys).tolist() == [[1, 1], [1, 2], [2, 1], [3, 3], [2, 2]]
 
 
 def test_zero_kl_block_takes_the_first_candidate():
