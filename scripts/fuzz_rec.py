@@ -5,10 +5,11 @@
 
 The corpus: real .rec files from tiny random models whose posterior heads are set sharp enough that
 the levels carry outliers, rANS side information and index bits: a PLN and a VAE (fixed β) and a
-variable-rate PLN (β codes), each coded with every preset and a custom parameter set (carried as
-b"P" fields), at a few sizes, and each model's `fast` files of an image larger than a tile (TILED: tiles
-of 64 pixels, format version 3). The variable-rate model also carries a lossless head whose output
-layers are random (so that the pixels' means and scales vary as a trained head's do), and the corpus
+variable-rate PLN (β codes), each coded with the presets of CODERS and a custom parameter set (carried
+as b"P" fields), at a few sizes, and each model's `fast` files of an image larger than a tile (TILED:
+tiles of 64 pixels, format version 3). The variable-rate model also carries a random rate head, so its
+files include `sp-orc-predicted` ones (level-1 sections of codec/layout.py), and a lossless head whose
+output layers are random (so that the pixels' means and scales vary as a trained head's do), and the corpus
 has its `fast` lossless files (format version 4, named "vbr-fast-37x53-lossless" etc.): 37x53, 1x1,
 130x90 (two 128-row strips of the pixel layer) and 150x200 in tiles of 64. A case's source file is one
 of the lossless files with probability LOSSLESS_SHARE, else any corpus file.
@@ -90,10 +91,11 @@ from codec.params import _FORMAT, REGISTERED_FORMATS, CoderParams
 from codec.store import ModelNotFoundError, ModelStore
 from models import ModelConfig, build_model, save_model
 from models.lossless import LosslessHead
+from models.rate_head import RateHead
 
 KINDS = ("raw", "recrc", "section", "header", "splice")
 STRUCTURED_KINDS = KINDS[2:]
-CODERS = ("fast", "thesis", "thesis-importance", "thesis-code", "custom")
+CODERS = ("fast", "thesis", "thesis-importance", "thesis-code", "sp-orc-predicted", "custom")
 SIZES = ((37, 53), (1, 1), (70, 90), (128, 192))
 TILED = ((150, 200, 64),)  # (height, width, tile): 3 x 4 tiles
 _TINY = dict(channels=16, latents=8, level2_channels=8, level2_latents=4, log_scale_min=-6.0)
@@ -104,6 +106,7 @@ MODELS = {
 }
 VBR_BETAS = (0.5, 2.0, 8.0)
 LOSSLESS_MODELS = ("vbr",)  # the models given a lossless head
+RATE_HEAD_MODELS = ("vbr",)  # ... and a rate head: their files include `sp-orc-predicted` ones
 LOSSLESS = ((37, 53), (1, 1), (130, 90))  # `fast` lossless files; 130 rows are two strips of the pixel layer
 LOSSLESS_TILED = ((150, 200, 64),)
 LOSSLESS_SHARE = 0.2  # the share of cases whose source is drawn from the lossless files only
@@ -193,10 +196,13 @@ def make_corpus(
         model = _sharpen(build_model(ModelConfig(**MODELS[key])), generator)
         if key in LOSSLESS_MODELS:
             model.lossless_head = lossless_head(generator)
+        if key in RATE_HEAD_MODELS:
+            model.rate_head = RateHead(model.cfg.level2_channels, model.cfg.latents, 8)
         path = save_model(model, folder, f"fuzz-{key}")
         model, ref = store.load(path)
         model_files[key] = path.name
-        jobs = [(coder, h, w, 0, False) for coder in coders for h, w in sizes] + [("fast", *t, False) for t in tiled]
+        usable = [c for c in coders if c != "sp-orc-predicted" or key in RATE_HEAD_MODELS]
+        jobs = [(coder, h, w, 0, False) for coder in usable for h, w in sizes] + [("fast", *t, False) for t in tiled]
         if key in LOSSLESS_MODELS:
             jobs += [("fast", h, w, 0, True) for h, w in lossless] + [("fast", *t, True) for t in lossless_tiled]
         for coder, h, w, tile, exact in jobs:

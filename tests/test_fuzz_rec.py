@@ -43,7 +43,7 @@ from scripts.fuzz_rec import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_CODERS = ("fast", "custom", "thesis-code")
+TEST_CODERS = ("fast", "custom", "thesis-code", "sp-orc-predicted")
 
 
 @pytest.fixture(scope="module")
