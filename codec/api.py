@@ -169,7 +169,7 @@ def compress_image(
     def code(level: int, index: int, q: tuple, p: tuple, predicted_bits=None) -> torch.Tensor:
         nonlocal params
         # the CODED sample: the next level's prior and posterior are computed from it. The per-level
-        # choices (the shard decay) are made on the first tile coded, grid.probe, and kept for the rest.
+        # choices (shard decay, index bits) are made on the first tile coded, grid.probe, and kept for the rest.
         z, data, stats = encode_level(
             *q,
             *p,
@@ -177,11 +177,11 @@ def compress_image(
             level=level,
             params=params,
             return_stats=True,
-            choose_decay=level not in levels,
+            choose=level not in levels,
             predicted_bits=predicted_bits,
         )
-        if stats["shard_decay"] is not None:  # the header carries the decay each level was coded with
-            params = params.with_level(level, shard_decay=stats["shard_decay"])
+        if stats["chosen"]:  # the header carries the shard decay or index bits each level was coded with
+            params = params.with_level(level, **stats["chosen"])
         sections[level, index] = data
         levels[level] = _add_stats(levels.get(level), stats)
         return z

@@ -94,9 +94,15 @@ def _scan(seed: int, level: int, n: int, units: torch.Tensor, outlier: torch.Ten
 
 
 @torch.no_grad()
-def encode_level(q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, level: int, params: CoderParams):
+def encode_level(
+    q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, level: int, params: CoderParams, choose: bool = False
+):
     """(sample, data, stats) of q = N(q_loc, q_scale^2) against p = N(p_loc, p_scale^2), with the layout
-    from `predicted_bits` (float64, one per dim: models/rate_head.predict_bits on the coded level above)."""
+    from `predicted_bits` (float64, one per dim: models/rate_head.predict_bits on the coded level above).
+
+    With `choose`, a level whose predictions average below `low_rate_bits_per_dim` is coded with
+    `low_rate_index_bits`; stats["chosen"] then holds {"index_bits": ...}, and the data decode with
+    `params.with_level(level, **stats["chosen"])`."""
     t0 = time.perf_counter()
     lp = params.for_level(level)
     m, v = standardise(q_loc, q_scale, p_loc, p_scale)
@@ -104,6 +110,11 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, l
     check_dims(n)
     kl_bits = pfr.kl_bits(m, v)
     units, flagged = quantise(predicted_bits.flatten().to(device))
+    chosen = {}
+    if choose and lp.low_rate_index_bits and float(units.sum()) / GRID < lp.low_rate_bits_per_dim * n:
+        chosen = {"index_bits": lp.low_rate_index_bits}
+        params = params.with_level(level, **chosen)
+        lp = params.for_level(level)
     outlier = kl_bits > lp.outlier_bits
     out_pos = torch.nonzero(outlier).squeeze(1)
     flag_pos = torch.nonzero(flagged & ~outlier).squeeze(1)
@@ -162,6 +173,7 @@ def encode_level(q_loc, q_scale, p_loc, p_scale, predicted_bits, *, seed: int, l
         n_flags=int(flag_pos.numel()),
         bin_bits=0 if lay is None else int(lay.block_bin_bits.sum()),
         shard_decay=None,
+        chosen=chosen,
         seconds=time.perf_counter() - t0,
     )
     return sample, data, stats

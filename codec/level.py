@@ -85,7 +85,7 @@ def encode_level(
     level: int,
     params: CoderParams,
     return_stats: bool = False,
-    choose_decay: bool = False,
+    choose: bool = False,
     predicted_bits: torch.Tensor | None = None,
 ):
     """Code a sample of q = N(q_loc, q_scale^2) against p = N(p_loc, p_scale^2).
@@ -93,9 +93,10 @@ def encode_level(
     The sp-orc-predicted sampler (codec/layout.py) lays out its blocks from `predicted_bits`, the
     rate head's per-dim KL prediction (models/rate_head.predict_bits), which the decoder is given too.
 
-    With `choose_decay`, a greedy level codes with the shard decay among its `decay_choices`
-    whose sample fits q best; the data then decode with `params.with_level(level,
-    shard_decay=stats["shard_decay"])`, which is what a header must carry. Returns (sample,
+    With `choose`, the encoder makes the level's per-file choices: a greedy level codes with the
+    shard decay among its `decay_choices` whose sample fits q best, an sp-orc-predicted level with
+    its low-rate index bits where the predicted rate is low. The data then decode with
+    `params.with_level(level, **stats["chosen"])`, which is what a header must carry. Returns (sample,
     data) or, with return_stats, (sample, data, stats dict). `sample` has the shape and dtype of
     p_loc and equals decode_level's output bit for bit.
     """
@@ -103,12 +104,20 @@ def encode_level(
     lp = params.for_level(level)
     if lp.sampler == layout.SAMPLER:
         sample, data, stats = layout.encode_level(
-            q_loc, q_scale, p_loc, p_scale, _predicted(predicted_bits, p_loc), seed=seed, level=level, params=params
+            q_loc,
+            q_scale,
+            p_loc,
+            p_scale,
+            _predicted(predicted_bits, p_loc),
+            seed=seed,
+            level=level,
+            params=params,
+            choose=choose,
         )
         return (sample, data, stats) if return_stats else (sample, data)
     plan = plan_level(q_loc, q_scale, p_loc, p_scale, lp)
     coder = group_coder(lp.sampler)
-    coded = coder.encode(plan, lp, params, seed=seed, level=level, choose_decay=choose_decay)
+    coded = coder.encode(plan, lp, params, seed=seed, level=level, choose_decay=choose)
     params = coded.params  # greedy: with the shard decay it chose
     lp = params.for_level(level)
     m, v, sizes, lens, out_pos, zero_pos, cod_pos = (
@@ -174,6 +183,7 @@ def encode_level(
         seconds=time.perf_counter() - t0,
     )
     stats.update(coded.stats)  # greedy: its shard decay; block coders and rejection: their search
+    stats["chosen"] = {} if stats["shard_decay"] is None else {"shard_decay": stats["shard_decay"]}
     return sample, data, stats
 
 

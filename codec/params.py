@@ -74,6 +74,8 @@ class LevelParams:
     decay_choices: tuple[float, ...] = ()  # greedy: the encoder codes with the one whose sample
     decay_trial_every: int = 4  # fits q best, tried on every n-th group (level.choose_shard_decay)
     beams: int = 1  # greedy + auxiliary: walks kept per group, ranked by summed log-weight (iREC)
+    low_rate_index_bits: int = 0  # sp-orc-predicted: a level whose predicted KL averages below
+    low_rate_bits_per_dim: float = 0.0  # this many bits a dim is coded with these index bits (0: off)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -108,6 +110,8 @@ class LevelParams:
                 f"sp-orc-predicted lays out its blocks from the rate head (adaptive false), of at most "
                 f"{pfr.MAX_DIMS_PER_BLOCK} dims"
             )
+        if self.low_rate_index_bits and (self.sampler != "sp-orc-predicted" or not 1 <= self.low_rate_index_bits <= 24):
+            raise ValueError("low_rate_index_bits (1 to 24) is for the sp-orc-predicted sampler")
         if self.sampler == "rejection" and (self.steps != 1 or self.max_group_size != 1 or self.adaptive):
             raise ValueError("the rejection sampler codes one-dim groups in one step (adaptive false)")
         if self.budget_bits <= 0:
@@ -222,8 +226,21 @@ SP_ORC_L = LevelParams("sp-orc", 10, 4, 255, 0.0, 24.0, oversample_bits=2.0, zer
 REJECTION_L = LevelParams("rejection", 12, 1, 1, 0.0, 8.0, adaptive=False, zero_run=16)
 # sp-orc over level-1 blocks that both sides lay out from the model's rate head (codec/layout.py): blocks
 # of about `steps` = 24 bits of predicted KL and at most 255 dims, 2^index_bits = 2^10 candidates each,
-# no side information. Level 2, whose prior N(0, I) predicts nothing, walks as in `thesis`.
-SP_ORC_PREDICTED_L1 = LevelParams("sp-orc-predicted", 10, 24, 255, 0.0, 24.0, adaptive=False, zero_run=0)
+# no side information; 2^12 candidates (and 2 fewer bin bits a block) when the predicted KL averages
+# below 1 bit a dim (about 0.5 bpp with 128 latents), where the head's errors are larger and the search
+# cheap. Level 2, whose prior N(0, I) predicts nothing, walks as in `thesis`.
+SP_ORC_PREDICTED_L1 = LevelParams(
+    "sp-orc-predicted",
+    10,
+    24,
+    255,
+    0.0,
+    24.0,
+    adaptive=False,
+    zero_run=0,
+    low_rate_index_bits=12,
+    low_rate_bits_per_dim=1.0,
+)
 
 # CoderParams.preset(name) is CoderParams(**_PRESET_FIELDS[name]); these are the names a header may carry.
 _PRESET_FIELDS = {
@@ -322,6 +339,10 @@ REGISTERED_FORMATS = {
         "01080a001800ff4200000000800008003ff0000000000000",
         43: "02010e001e0fff4200000000800008013fee666666666666"  # sp-orc-predicted, level-2 shard decay 0.95
         "01080a001800ff4200000000800008003ff0000000000000",
+        # sp-orc-predicted with the low-rate index bits (12), level-2 shard decay 0.9 / 0.85 / 0.95
+        44: "02010e001e0fff4200000000800008013feccccccccccccd01080c001800ff4200000000800008003ff0000000000000",
+        45: "02010e001e0fff4200000000800008013feb33333333333301080c001800ff4200000000800008003ff0000000000000",
+        46: "02010e001e0fff4200000000800008013fee66666666666601080c001800ff4200000000800008003ff0000000000000",
     }.items()
 }
 

@@ -346,7 +346,7 @@ def test_chosen_shard_decay_codes_the_sample_closest_to_the_posterior(low, high)
     for decay in choices:
         z, _, _ = roundtrip(q_loc, q_scale, *p, 1, params.with_level(1, shard_decay=decay))
         u2[decay] = _mean_u2(z, q_loc, q_scale)
-    z, data, st = encode_level(q_loc, q_scale, *p, seed=3, level=1, params=params, return_stats=True, choose_decay=True)
+    z, data, st = encode_level(q_loc, q_scale, *p, seed=3, level=1, params=params, return_stats=True, choose=True)
     chosen = st["shard_decay"]
     assert torch.equal(z, decode_level(*p, data, seed=3, level=1, params=params.with_level(1, shard_decay=chosen)))
     assert chosen in choices and u2[chosen] <= 1.05 * min(u2.values()), (chosen, u2)
@@ -356,7 +356,7 @@ def test_chosen_shard_decay_codes_the_sample_closest_to_the_posterior(low, high)
 def test_shard_decay_is_not_chosen_without_choices_or_for_the_importance_sampler():
     q_loc, q_scale, p_loc, p_scale = targets((800,), 0.5)
     for params, level in [(SMALL, 1), (SMALL.with_level(2, decay_choices=(0.5, 0.9)), 2)]:
-        z, data = encode_level(q_loc, q_scale, p_loc, p_scale, seed=1, level=level, params=params, choose_decay=True)
+        z, data = encode_level(q_loc, q_scale, p_loc, p_scale, seed=1, level=level, params=params, choose=True)
         assert data == encode_level(q_loc, q_scale, p_loc, p_scale, seed=1, level=level, params=params)[1]
 
 

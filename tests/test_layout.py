@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import offline_cli, photo
 from codec import layout, pfr
 from codec.api import compress_image, decompress
-from codec.bitstream import RecFormatError
+from codec.bitstream import RecFormatError, unpack_rec
+from codec.header_params import params_from_header
 from codec.entropy import RecDecodeError
 from codec.params import CoderParams, LevelParams
 from codec.plan import kl_nats
@@ -216,7 +217,35 @@ def test_cli_codes_with_a_rate_head_and_refuses_a_model_without_one(models, monk
 def test_the_preset_codes_blocks_of_2_to_the_10_candidates_and_24_predicted_bits():
     lp = CoderParams.preset("sp-orc-predicted").level1
     assert (lp.sampler, lp.index_bits, lp.steps, lp.adaptive) == ("sp-orc-predicted", 10, 24, False)
+    assert (lp.low_rate_index_bits, lp.low_rate_bits_per_dim) == (12, 1.0)
     assert lp.max_group_size < pfr.MAX_DIMS_PER_BLOCK
+
+
+@pytest.mark.parametrize("tile", [0, 64])
+def test_a_file_below_the_low_rate_threshold_is_coded_with_the_low_rate_index_bits(models, tile):
+    d, with_head, _ = models
+    image = photo(70, 100, seed=6)
+    for threshold, index_bits in ((1000.0, 10), (0.0, 8)):  # the head predicts ~1.3 bits a dim
+        params = SMALL.with_level(1, low_rate_index_bits=10, low_rate_bits_per_dim=threshold)
+        data, x_hat, stats = code(with_head, image, params=params, tile=tile)
+        header, _ = unpack_rec(data)
+        assert params_from_header(header, 2).level1.index_bits == index_bits
+        assert stats["levels"][1]["chosen"] == ({"index_bits": 10} if threshold else {})
+        assert np.array_equal(decompress(data, ModelStore(dirs=[d]))[0], x_hat)
+
+
+def test_the_presets_low_rate_choice_is_a_registered_parameter_set(tmp_path):
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(**TINY, **RANGE))
+    model.rate_head = rate_head()
+    with torch.no_grad():
+        model.rate_head.out.bias.fill_(-3.0)  # ~0.05-0.5 bits a dim: below the preset's 1 bit
+    path = save_model(model, tmp_path, "low")
+    data, x_hat, stats = code(path, photo(48, 64), params="sp-orc-predicted")
+    header, _ = unpack_rec(data)
+    assert stats["levels"][1]["chosen"] == {"index_bits": 12}
+    assert header.coder_params[:1] == b"R" and header.coder_params[1] in (44, 45, 46)
+    assert np.array_equal(decompress(data, ModelStore(dirs=[tmp_path]))[0], x_hat)
 
 
 def test_train_rate_head_adds_a_head_that_predicts_the_kl_and_keeps_the_networks(models, photo_dir, tmp_path):
