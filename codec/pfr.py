@@ -592,7 +592,10 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
         a_block = cell_block[a_cell]
         score = log_r - lay.block_bin_bits[a_block] * _LN2 - log_pi[a_cell] - torch.log(a_t)
         top = _block_max(score, a_block, n_blocks)
-        win = (score == top[a_block]) & (score > best.score[a_block])
+        tops = torch.nonzero((score == top[a_block]) & (score > best.score[a_block])).squeeze(1)
+        winner = torch.full((n_blocks,), score.numel(), dtype=torch.int64, device=device)
+        winner.scatter_reduce_(0, a_block[tops], tops, "amin")  # one a block, should two arrivals tie
+        win = winner[winner < score.numel()]
         wb = a_block[win]
         best.score[wb] = score[win]
         best.key[wb] = cell_key[a_cell[win]]
