@@ -407,7 +407,7 @@ def _ranks_in_bins(keys: torch.Tensor) -> torch.Tensor:
 def _arrival_bins(m, s, lay: BlockLayout, dims, local, n_cols, *, seed, level, budget, memory_elems, mix):
     """(bin keys, log pi of the bin tuple), (budget, n_cols), of the first `budget` arrivals of the
     blocks of `dims` (columns `local`). A dim with at most `budget` bins has its log pi_d,j tabled
-    once, cheaper than computing it for each arrival."""
+    once, cheaper than computing it for each arrival, as long as the table fits `memory_elems`."""
     device = m.device
     keys = torch.zeros(budget, n_cols, dtype=torch.int64, device=device)
     log_pi = torch.zeros(budget, n_cols, dtype=torch.float64, device=device)
@@ -418,6 +418,7 @@ def _arrival_bins(m, s, lay: BlockLayout, dims, local, n_cols, *, seed, level, b
     md, sd, bits, shift = m[dims], s[dims], lay.bin_bits[dims], lay.key_shift[dims]
     blocks, positions = lay.dim_block[dims], lay.dim_pos[dims]
     tabled = (1 << bits) <= budget
+    tabled &= torch.cumsum(torch.where(tabled, 1 << bits, 0), 0) <= memory_elems
     t_dims = torch.nonzero(tabled).squeeze(1)
     t_bins = 1 << bits[t_dims]
     offset = torch.cumsum(t_bins, 0) - t_bins

@@ -186,14 +186,16 @@ def test_sp_orc_bin_weights_are_the_same_tabled_or_computed_per_arrival():
     m, v, info = channel(n_blocks, [0.5, 1.0, 2.0, 3.0], seed=14)
     lay = pfr.make_layout([4] * n_blocks, sp_bits(info, n_blocks, 4), "cpu")  # 0-3 bits a dim
     dims = torch.arange(4 * n_blocks)
+    # 2^3 bins: computed per arrival with 4 candidates, tabled with 64; a table cut short by the memory
     runs = [
         pfr._arrival_bins(
-            m, v.sqrt(), lay, dims, lay.dim_block, n_blocks, seed=3, level=1, budget=budget, memory_elems=64, mix=0.05
+            m, v.sqrt(), lay, dims, lay.dim_block, n_blocks, seed=3, level=1, budget=budget, memory_elems=mem, mix=0.05
         )
-        for budget in (4, 64)  # 2^3 bins: computed per arrival with 4 candidates, tabled with 64
+        for budget, mem in ((4, 1 << 16), (64, 1 << 16), (64, 100))
     ]
-    assert torch.equal(runs[0][0], runs[1][0][:4])
-    assert torch.allclose(runs[0][1], runs[1][1][:4], rtol=0, atol=1e-12)
+    for keys, log_pi in runs[1:]:
+        assert torch.equal(runs[0][0], keys[:4])
+        assert torch.allclose(runs[0][1], log_pi[:4], rtol=0, atol=1e-12)
     assert float(runs[1][1].min()) < -1.0  # the weights are not all 0
 
 
