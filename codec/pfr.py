@@ -476,7 +476,8 @@ def _orc_search(m, v, lay: BlockLayout, *, seed, level, budget, memory_elems, mi
             memory_elems=memory_elems,
             mix=mix,
         )
-        ks = _ranks_in_bins(keys) if bool(lay.bin_bits[dims].any()) else (ns_all + 1).expand_as(keys)
+        spatial = bool(lay.bin_bits[dims].any())
+        ks = _ranks_in_bins(keys) if spatial else (ns_all + 1).expand_as(keys)
         if int(ks.max()) >= MAX_INDEX:
             raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller budget")
         md, vd = m[dims], v[dims]
@@ -484,7 +485,13 @@ def _orc_search(m, v, lay: BlockLayout, *, seed, level, budget, memory_elems, mi
         chunk = max(1, min(budget, memory_elems // dims.numel()))
         for n0 in range(0, budget, chunk):
             n1 = min(budget, n0 + chunk)
-            x = _points(seed, level, lay, dims, ks[n0:n1, local], keys[n0:n1, local]).double()
+            if spatial:
+                x = _points(seed, level, lay, dims, ks[n0:n1, local], keys[n0:n1, local])
+            else:  # one bin: point n of every block
+                x = _points(
+                    seed, level, lay, dims, ns_all[n0:n1] + 1, torch.zeros((), dtype=torch.int64, device=device)
+                )
+            x = x.double()
             log_r = _block_sum(_log_ratio_dims(x, md, vd), local, blocks.numel())
             score = log_r - scale - log_pi[n0:n1] - log_t[n0:n1]
             _keep_best(best, blocks, score, keys[n0:n1], ks[n0:n1])
