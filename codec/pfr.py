@@ -242,7 +242,7 @@ def _bin_table(m, v, lay: BlockLayout, mix: float) -> tuple[torch.Tensor, torch.
     n_bins = 1 << lay.bin_bits
     offset = torch.cumsum(n_bins, 0) - n_bins
     dims = torch.repeat_interleave(torch.arange(m.numel(), device=m.device), n_bins)
-    j = torch.arange(dims.numel(), device=m.device) - offset[dims]
+    j = _segment_ranks(n_bins)
     md, vd, bits = m[dims], v[dims], lay.bin_bits[dims]
     peak = torch.where(vd < 1.0, md / (1.0 - vd).clamp(min=1e-300), torch.zeros_like(md))
     lo, hi = _bin_edges(j, bits)
@@ -423,8 +423,7 @@ def _arrival_bins(m, s, lay: BlockLayout, dims, local, n_cols, *, seed, level, b
     t_bins = 1 << bits[t_dims]
     offset = torch.cumsum(t_bins, 0) - t_bins
     t_rep = torch.repeat_interleave(t_dims, t_bins)
-    t_j = torch.arange(t_rep.numel(), device=device) - torch.repeat_interleave(offset, t_bins)
-    table = _log_bin_weight(md[t_rep], sd[t_rep], t_j, bits[t_rep], mix)
+    table = _log_bin_weight(md[t_rep], sd[t_rep], _segment_ranks(t_bins), bits[t_rep], mix)
     other = torch.nonzero(~tabled).squeeze(1)
     chunk = max(1, min(budget, memory_elems // dims.numel()))
     for n0 in range(0, budget, chunk):
@@ -538,7 +537,7 @@ def _bin_search(m, v, lay: BlockLayout, *, seed, level, max_steps, memory_elems,
     if only is not None:
         n_cells = torch.where(only, n_cells, 0)
     cell_block = torch.repeat_interleave(torch.arange(n_blocks, device=device), n_cells)
-    cell_key = torch.arange(cell_block.numel(), device=device) - (torch.cumsum(n_cells, 0) - n_cells)[cell_block]
+    cell_key = _segment_ranks(n_cells)
     block_start = torch.cumsum(lay.sizes, 0) - lay.sizes
     cell_sizes = lay.sizes[cell_block]
     cd_cell = torch.repeat_interleave(torch.arange(cell_block.numel(), device=device), cell_sizes)
