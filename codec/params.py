@@ -112,6 +112,8 @@ class LevelParams:
             )
         if self.low_rate_index_bits and (self.sampler != "sp-orc-predicted" or not 1 <= self.low_rate_index_bits <= 24):
             raise ValueError("low_rate_index_bits (1 to 24) is for the sp-orc-predicted sampler")
+        if not (math.isfinite(self.low_rate_bits_per_dim) and self.low_rate_bits_per_dim >= 0):
+            raise ValueError("low_rate_bits_per_dim must be a finite number >= 0")
         if self.sampler == "rejection" and (self.steps != 1 or self.max_group_size != 1 or self.adaptive):
             raise ValueError("the rejection sampler codes one-dim groups in one step (adaptive false)")
         if self.budget_bits <= 0:

@@ -4,7 +4,7 @@ The photo is scikit-image's public-domain `astronaut.png` (installed with the `d
 nothing is downloaded. Writes out/demo/astronaut.rec and out/demo/astronaut.rec.png and prints
 bpp (from the file size) and PSNR.
 
-    python -m scripts.demo [--image PATH] [--coder fast|thesis] [--out out/demo]
+    python -m scripts.demo [--image PATH] [--coder fast|thesis|sp-orc-predicted] [--out out/demo]
 """
 
 import argparse
@@ -31,7 +31,7 @@ def sample_photo() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, help="photo to compress (default: scikit-image's astronaut)")
-    parser.add_argument("--coder", default="fast", choices=("fast", "thesis"))
+    parser.add_argument("--coder", default="fast", choices=("fast", "thesis", "sp-orc-predicted"))
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
     args = parser.parse_args(argv)
     image = args.image or sample_photo()

@@ -234,6 +234,12 @@ def test_a_file_below_the_low_rate_threshold_is_coded_with_the_low_rate_index_bi
         assert np.array_equal(decompress(data, ModelStore(dirs=[d]))[0], x_hat)
 
 
+def test_a_negative_or_nan_low_rate_threshold_is_refused():
+    for threshold in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="low_rate_bits_per_dim must be a finite number >= 0"):
+            SMALL.with_level(1, low_rate_index_bits=10, low_rate_bits_per_dim=threshold)
+
+
 def test_the_presets_low_rate_choice_is_a_registered_parameter_set(tmp_path):
     torch.manual_seed(1)
     model = build_model(ModelConfig(**TINY, **RANGE))
