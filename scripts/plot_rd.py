@@ -12,7 +12,9 @@ ms-ssim-db-rgb are NOT converted to dB twice). `--metric ms-ssim` plots MS-SSIM 
 Styles: learned codecs solid with filled markers; classical codecs (JPEG, WebP, AVIF,
 BPG, HEVC/HM, VTM, AV1, JPEG XL in the name) dashed; ideal curves (`"kind": "ideal"`,
 e.g. the `ideal_curves` of eval_rd.py files, see rd_common.py) dotted with hollow
-markers in the colour of their model, so the coder's loss is the gap between the two.
+markers in the colour of their model, so the coder's loss is the gap between the two. An ideal curve
+with the same points as one already read (the same model's coder-free curves, stored in the file of
+every coder evaluated on it) is plotted and tabulated once, under its first file's name.
 
 BD table: every curve (ideal ones included) against the reference, for PSNR and
 MS-SSIM dB (pchip in log-rate over the overlapping quality interval; negative = fewer
@@ -82,6 +84,25 @@ def style(curve: dict, colour) -> dict:
     return out
 
 
+def drop_repeated_ideals(curves: list[dict]) -> list[dict]:
+    """The curves without ideal curves whose results equal an earlier ideal curve's, up to the
+    rounding of the networks run with another number of threads (1e-6 relative)."""
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(
+            len(a[k]) == len(b[k]) and np.allclose(a[k], b[k], rtol=1e-6, atol=0) for k in a
+        )
+
+    kept, seen = [], []
+    for c in curves:
+        if c["kind"] == "ideal":
+            if any(same(c["results"], r) for r in seen):
+                continue
+            seen.append(c["results"])
+        kept.append(c)
+    return kept
+
+
 def plot(
     curves: list[dict],
     metric: str,
@@ -97,7 +118,7 @@ def plot(
     import matplotlib.pyplot as plt
 
     key = METRIC_KEYS[metric]
-    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(12, 6.5), dpi=120)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     parent_colour, ys_visible = {}, []
     for c in curves:
@@ -132,7 +153,7 @@ def plot(
     ax.set_ylabel(AXIS_LABEL[metric])
     ax.set_title(title or f"Rate-distortion ({'PSNR' if metric == 'psnr' else 'MS-SSIM'})")
     ax.grid(True, alpha=0.35)
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -213,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             print(f"error: cannot read results file {p}: {e}", file=sys.stderr)
             return 2
-    curves = [c for d in docs.values() for c in curves_of(d)]
+    curves = drop_repeated_ideals([c for d in docs.values() for c in curves_of(d)])
     ref = next(d for p, d in docs.items() if p.resolve() == ref_path.resolve())
     plot(
         curves,

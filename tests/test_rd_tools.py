@@ -281,6 +281,22 @@ def test_plot_rd_writes_png_and_bd_json_against_bpg_file(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == table
 
 
+def test_plot_rd_shows_a_models_ideal_curve_once_when_several_coders_carry_it(tmp_path, capsys):
+    results = {"bpp": list(RATE), "psnr-rgb": list(DIST)}
+    write_results(tmp_path / "bpg.json", make_results("BPG", "", results))
+    ideal = {"name": "ours ideal", "results": {**results, "bpp": list(RATE * 0.9)}}
+    for coder, scale in (("a", 1.1), ("b", 1.2)):
+        curve = {**results, "bpp": list(RATE * scale)}
+        write_results(tmp_path / f"{coder}.json", make_results(coder, "", curve, ideal_curves=[ideal]))
+        ideal = {**ideal, "results": {**ideal["results"], "psnr-rgb": list(DIST + 1e-6)}}  # another thread count
+    other = {"name": "other ideal", "results": {**results, "bpp": list(RATE * 0.9 * (1 + 1e-5))}}
+    write_results(tmp_path / "c.json", make_results("c", "", results, ideal_curves=[other]))
+    files = [str(tmp_path / f) for f in ("a.json", "b.json", "c.json", "bpg.json")]
+    assert plot_rd.main([*files, "-o", str(tmp_path / "rd.png")]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)["curves"]]
+    assert names == ["a", "ours ideal", "b", "c", "other ideal", "BPG"]
+
+
 def test_plot_rd_reports_unreadable_file_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     rc = plot_rd.main([str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.png")])
