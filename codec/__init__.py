@@ -5,7 +5,7 @@ model from a ModelStore (codec/store.py); encode_level / decode_level (codec/lev
 latent level with the REC samplers, whose parameters are CoderParams (codec/params.py).
 """
 
-from codec.api import ImageTooLargeError, coding_beta, compress_image, decompress
+from codec.api import ImageTooLargeError, coding_beta, compress_image, decompress, default_coder
 from codec.bitstream import RecFormatError, RecHeader
 from codec.entropy import RecDecodeError
 from codec.level import decode_level, encode_level
@@ -29,6 +29,7 @@ __all__ = [
     "compress_image",
     "decode_level",
     "decompress",
+    "default_coder",
     "encode_level",
     "find_model",
     "list_models",

@@ -46,6 +46,13 @@ class ImageTooLargeError(ValueError):
     pass
 
 
+def default_coder(model: LatentVariableModel) -> str:
+    """The preset a file is coded with when none is asked for: `sp-orc-predicted` for a PLN that carries a
+    rate head (at equal rate its samples are closer to an exact posterior sample than `thesis`'s,
+    docs/coder.md), else `thesis`."""
+    return "sp-orc-predicted" if model.num_levels == 2 and model.rate_head is not None else "thesis"
+
+
 def _coder(params: CoderParams | str) -> tuple[str, CoderParams]:
     if isinstance(params, str):
         return params, CoderParams.preset(params)
@@ -112,7 +119,7 @@ def compress_image(
     *,
     model_ref: ModelRef,
     seed: int = 0,
-    params: CoderParams | str = "thesis",
+    params: CoderParams | str | None = None,
     device: str | torch.device = "cpu",
     max_pixels: int = MAX_PIXELS,
     beta: float | None = None,
@@ -127,7 +134,7 @@ def compress_image(
         image: (H, W, 3) uint8, or a (1, 3, H, W) tensor (uint8 or float in [0, 1]).
         model_ref: name + SHA-256 prefix of the model file, written into the header.
         seed: the file seed of the shared randomness, in [0, 2^64).
-        params: a CoderParams or a preset name ("thesis", "fast").
+        params: a CoderParams or a preset name ("thesis", "fast", …); None: default_coder(model).
         beta: the rate setting of a variable-rate model (larger = smaller files), rounded to the
             header's 1/256-octave grid; must be None for a model trained at one β.
         quality: instead of beta, a quality level 1 (smallest files) to 8 (codec.rate.quality_beta);
@@ -140,14 +147,15 @@ def compress_image(
         (data, x_hat, stats): the file bytes, the (H, W, 3) uint8 image they decode to, and
         {"height", "width", "bytes", "bpp" (8 * bytes / (H W), header included), "kl_bits",
         "kl_bpp", "levels" (the coder's per-level stats, summed over tiles), "tiles", "beta" (the
-        coded β or None), "seconds", and for a lossless file "pixel_bytes" (its pixel layer)}.
+        coded β or None), "coder" (the header's preset name), "seconds", and for a lossless file
+        "pixel_bytes" (its pixel layer)}.
     Raises:
         ImageTooLargeError: more than max_pixels pixels. ValueError: bad arguments.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
     _deterministic(device)
-    coder, params = _coder(params)
+    coder, params = _coder(default_coder(model) if params is None else params)
     if model.num_levels not in (1, 2):
         raise ValueError(f"models with {model.num_levels} levels are not supported")
     predict_rate = _predicts_rate(model, params)
@@ -219,6 +227,7 @@ def compress_image(
         "levels": levels,
         "tiles": len(grid),
         "beta": beta,
+        "coder": coder,
         "seconds": time.perf_counter() - t0,
     }
     if lossless:

@@ -83,7 +83,11 @@ def build_parser(prog: str = "rec-codec") -> argparse.ArgumentParser:
     enc.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
     enc.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
     enc.add_argument("--model", metavar="NAME|PATH", help="model file, name or hash (default: named by DEFAULT)")
-    enc.add_argument("--coder", default="thesis", choices=PRESETS, help="coder preset (default: thesis)")
+    enc.add_argument(
+        "--coder",
+        choices=PRESETS,
+        help="coder preset (default: sp-orc-predicted for a model with a rate head, else thesis)",
+    )
     enc.add_argument("--seed", type=_seed, default=0, help="seed of the shared randomness (default: 0)")
     enc.add_argument("--max-pixels", type=_positive, default=None, help="refuse larger images (default 120e6)")
     enc.add_argument(
@@ -209,7 +213,7 @@ def cmd_encode(args) -> int:
             "bpp": stats["bpp"],
             "kl_bpp": stats["kl_bpp"],
             "model": ref.name,
-            "coder": args.coder,
+            "coder": stats["coder"],
             "seed": args.seed,
             "notes": notes,
         }

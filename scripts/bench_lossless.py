@@ -1,6 +1,6 @@
 """Lossless bits per subpixel: `rec-codec encode --lossless` against PNG and WebP lossless, and the ideal.
 
-    python -m scripts.bench_lossless --data ../shared/data/kodak --coder fast -o results/lossless/kodak.json
+    python -m scripts.bench_lossless --data ../shared/data/kodak -o results/lossless/kodak.json
 
 Per image and quality level: the .rec file's bits per subpixel (header included; every file is decoded
 and must give the input's pixels), the ideal (the negative ELBO in bits of what the file codes: the
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--model", help="a model file with a lossless head (default: weights/DEFAULT)")
-    p.add_argument("--coder", default="fast", choices=PRESETS, help="coder of the latents (default: fast)")
+    p.add_argument(
+        "--coder", choices=PRESETS, help="coder of the latents (default: the model's, as `rec-codec encode`)"
+    )
     p.add_argument("--quality", type=int, nargs="+", help="quality levels (default: the lossless default)")
     p.add_argument("--limit", type=int)
     p.add_argument("--threads", type=int, default=1)
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     model, ref = store.load(path)
     if model.lossless_head is None:
         p.error(f"model {ref.name} has no lossless head")
+    args.coder = args.coder or api.default_coder(model)
     from codec.lossless import DEFAULT_QUALITY
 
     qualities = args.quality or [DEFAULT_QUALITY]

@@ -1,6 +1,7 @@
 """The sp-orc-predicted coder: level-1 blocks laid out by the model's rate head (codec/layout.py,
 models/rate_head.py), with no side information."""
 
+import json
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from conftest import offline_cli, photo
 from codec import layout, pfr
-from codec.api import compress_image, decompress
+from codec.api import compress_image, decompress, default_coder
 from codec.bitstream import RecFormatError, unpack_rec
 from codec.header_params import params_from_header
 from codec.entropy import RecDecodeError
@@ -212,6 +213,34 @@ def test_cli_codes_with_a_rate_head_and_refuses_a_model_without_one(models, monk
     code, out, _ = run("models")
     lines = {line.split(":")[0].split(" ")[0]: line for line in out.splitlines()}
     assert "rate head" in lines[with_head.stem] and "rate head" not in lines[plain.stem]
+
+
+def test_the_default_coder_is_sp_orc_predicted_with_a_rate_head_and_thesis_without(
+    models, monkeypatch, capsys, tmp_path
+):
+    d, with_head, plain = models
+    for path, coder in ((with_head, "sp-orc-predicted"), (plain, "thesis")):
+        model, _ = load_model(path)
+        assert default_coder(model) == coder
+        data, x_hat, stats = compress_image(model, photo(32, 32), model_ref=ModelRef.of_file(path), quality=4)
+        assert stats["coder"] == coder and unpack_rec(data)[0].coder == coder
+        assert stats["levels"][1]["sampler"] == CoderParams.preset(coder).level1.sampler
+        assert np.array_equal(decompress(data, ModelStore(dirs=[d]))[0], x_hat)
+    run = offline_cli(monkeypatch, capsys, d, SMALL)
+    Image.fromarray(photo(45, 61)).save(tmp_path / "c.png")
+    code, out, _ = run("encode", tmp_path / "c.png", "--model", with_head, "--json")
+    assert code == 0 and json.loads(out)["coder"] == "sp-orc-predicted"
+    assert unpack_rec((tmp_path / "c.rec").read_bytes())[0].coder == "sp-orc-predicted"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_written_file_decodes_on_the_cpu(models):
+    d, with_head, _ = models
+    data, x_hat, _ = code(with_head, photo(48, 64), device="cuda")
+    assert np.array_equal(decompress(data, ModelStore(device="cuda", dirs=[d]), device="cuda")[0], x_hat)
+    y_cpu = decompress(data, ModelStore(dirs=[d]))[0]  # the networks round differently; the layout must not
+    assert np.abs(y_cpu.astype(int) - x_hat.astype(int)).max() <= 1
 
 
 def test_the_preset_codes_blocks_of_2_to_the_10_candidates_and_24_predicted_bits():
