@@ -119,4 +119,6 @@ def result_line(rec: dict) -> str:
         text += f" (KL {rec['kl_bpp']:.4f}), PSNR {_fmt(rec['psnr'], 2)} dB"
     if rec.get("lossless"):
         text += f", lossless: {rec['bits_per_subpixel']:.4f} bits per subpixel (pixel layer {rec['pixel_bytes']} B)"
+    if "coder" in rec:
+        text += f", coder {rec['coder']}"
     return text + f", {rec['seconds']:.2f} s"

@@ -1,6 +1,7 @@
 """compress.py: encode/decode/info end to end, and every bad input: one stderr line, exit code, no partial files."""
 
 import json
+import re
 import struct
 import zlib
 
@@ -114,11 +115,12 @@ def test_real_fast_preset_roundtrip(tmp_path, capsys, real_presets):
     assert round(json.loads(out)["psnr"], 6) == round(psnr(rgb(17, 30), y), 6)
 
 
-def test_human_output_has_bpp_kl_psnr_and_seconds(tmp_path, capsys):
+def test_human_output_has_bpp_kl_psnr_coder_and_seconds(tmp_path, capsys):
     src = write_png(tmp_path / "a.png", rgb(20, 20))
     code, out, _ = encode(capsys, src)
     assert code == 0
     assert out.startswith(f"{src} -> {tmp_path / 'a.rec'}: 20x20, ") and " bpp (KL " in out and "PSNR" in out
+    assert re.search(r" dB, coder fast, [0-9.]+ s$", out.strip())
 
 
 def test_folder_and_several_inputs_to_an_output_folder(tmp_path, capsys):
