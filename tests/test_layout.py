@@ -15,6 +15,7 @@ from codec import layout, pfr
 from codec.api import compress_image, decompress, default_coder
 from codec.bitstream import RecFormatError, unpack_rec
 from codec.header_params import params_from_header
+from codec.metrics import psnr
 from codec.entropy import RecDecodeError
 from codec.params import CoderParams, LevelParams
 from codec.plan import kl_nats
@@ -308,3 +309,28 @@ def test_train_rate_head_adds_a_head_that_predicts_the_kl_and_keeps_the_networks
 
     with torch.no_grad():
         assert squared_error(trained.rate_head) < squared_error(fresh)
+
+
+def test_loss_by_level_codes_each_level_alone_and_its_coded_mode_is_the_encoders(models, tmp_path):
+    from scripts import loss_by_level
+
+    d, with_head, _ = models
+    (tmp_path / "img").mkdir()
+    image = photo(40, 56, seed=3)
+    Image.fromarray(image).save(tmp_path / "img" / "a.png")
+    out = tmp_path / "loss.json"
+    argv = ["--data", tmp_path / "img", "--model", with_head, "--quality", "2", "6", "-o", out]
+    assert loss_by_level.main([str(a) for a in argv]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["per_image"]["a.png"]["q2"]
+    assert list(rows) == list(loss_by_level.MODES) and doc["meta"]["coder"] == "sp-orc-predicted"
+    model, _ = load_model(with_head)
+    data, x_hat, _ = compress_image(model, image, model_ref=ModelRef.of_file(with_head), quality=2)
+    z2_bytes, z1_bytes = (len(b) for b in unpack_rec(data)[1])
+    assert rows["coded"]["bpp_by_level"] == pytest.approx({"z1": 8 * z1_bytes / 2240, "z2": 8 * z2_bytes / 2240})
+    assert rows["coded"]["psnr"] == psnr(image, x_hat)
+    assert rows["exact"]["bpp_by_level"]["z2"] == rows["z2-exact"]["bpp_by_level"]["z2"]  # the same z2 sample
+    assert rows["coded"]["bpp_by_level"]["z2"] == rows["z1-exact"]["bpp_by_level"]["z2"]  # the same coded z2
+    assert rows["oracle-layout"]["bpp_by_level"]["z1"] != rows["coded"]["bpp_by_level"]["z1"]
+    for q in ("q2", "q6"):
+        assert doc["means"][q]["exact"]["loss_at_equal_rate_db"] == pytest.approx(0.0, abs=1e-9)
