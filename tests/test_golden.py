@@ -11,8 +11,14 @@ the predicted bits it was laid out from.
 A failing *decode* test means old files would no longer decode: a bug, or a change that needs a new
 format or RNG version. A failing *encode* test with passing decode tests means the encoder now writes
 different (still decodable) bytes; if intended, regenerate: `python tests/test_golden.py --regenerate`.
+The greedy encoder scores candidates with float32 matrix products, whose rounding differs between CPU
+kernels (AVX2, AVX-512, AMX): a near-tie can then go the other way and the bytes differ, though they
+decode exactly everywhere. tests/expected/encoder_variants.json lists such bytes (by SHA-256, with the
+CPU they were written on), which the encode test accepts if they decode to the encoder's own sample.
 """
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +35,7 @@ from models import ModelConfig, build_model, save_model
 EXPECTED = Path(__file__).resolve().parent / "expected"
 CODER_FILE = EXPECTED / "coder_v2.npz"
 LAYOUT_FILE = EXPECTED / "layout_v1.npz"
+VARIANTS_FILE = EXPECTED / "encoder_variants.json"
 CASES = [("thesis", 1), ("thesis", 2), ("thesis-importance", 2), ("fast", 1), ("fast", 2)]
 SHAPES = {1: (1, 8, 8, 12), 2: (1, 4, 4, 6)}
 SEED = 7
@@ -79,10 +86,17 @@ def test_golden_level_bytes_decode_to_the_same_sample(golden, preset, level):
 @pytest.mark.parametrize("preset,level", CASES)
 def test_encoder_still_writes_the_golden_bytes(golden, preset, level):
     prefix = f"{preset}-{level}-"
-    _, data = encode_level(*tensors(golden, prefix), seed=SEED, level=level, params=CoderParams.preset(preset))
-    assert data == golden[prefix + "bytes"].tobytes(), (
-        "the encoder writes different bytes; if intended: python tests/test_golden.py --regenerate"
-    )
+    params = CoderParams.preset(preset)
+    z, data = encode_level(*tensors(golden, prefix), seed=SEED, level=level, params=params)
+    if data != golden[prefix + "bytes"].tobytes():  # or the bytes of a CPU that rounds its GEMMs differently
+        variants = json.loads(VARIANTS_FILE.read_text(encoding="utf-8"))["cases"].get(f"{preset}-{level}", {})
+        assert hashlib.sha256(data).hexdigest() in variants, (
+            "the encoder writes different bytes; if intended: python tests/test_golden.py --regenerate "
+            "(if only this CPU's matrix products round differently, record them in encoder_variants.json)"
+        )
+        p_loc, p_scale = tensors(golden, prefix)[2:]
+        back = decode_level(p_loc, p_scale, data, seed=SEED, level=level, params=params)
+        assert torch.equal(back.view(torch.int32), z.view(torch.int32))
 
 
 def test_golden_sp_orc_predicted_level_decodes_to_the_same_sample_and_is_still_written():
