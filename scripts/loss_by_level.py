@@ -2,8 +2,8 @@
 
     python -m scripts.loss_by_level --data kodak/ --limit 4 --quality 1 4 8 -o results/coders/loss_by_level.json
 
-For every image and quality the encoder's walk runs in these modes (z2 = level 2, z1 = level 1):
-  coded         both levels coded, as `rec-codec encode` codes them (the same latents and pixels)
+For every image and quality the encoder's walk runs, untiled, in these modes (z2 = level 2, z1 = level 1):
+  coded         both levels coded, as `rec-codec encode` codes an image of up to 1024² pixels
   exact         both levels an exact posterior sample, charged their KL (the coder-free ideal)
   z2-exact      z2 an exact sample (charged its KL), z1 coded
   z1-exact      z2 coded, z1 an exact sample (charged its KL)
