@@ -35,7 +35,7 @@ from codec.rate import QUALITY_LEVELS
 from codec.rng import tile_seed
 from codec.store import ModelStore, find_model
 from models import gaussian_kl
-from scripts.rd_common import dumps, find_images, load_rgb, psnr, write_results
+from scripts.rd_common import clean_points, dumps, find_images, load_rgb, psnr, write_results
 
 MODES = ("coded", "exact", "z2-exact", "z1-exact", "oracle-layout")
 LN2 = math.log(2.0)
@@ -81,16 +81,13 @@ def run_mode(model, image: np.ndarray, beta, params: CoderParams, mode: str, gen
 
 def loss_at_equal_rate(exact: list[tuple[float, float]], point: tuple[float, float]) -> float:
     """PSNR of `point` minus the exact samples' curve (pchip in log-rate) at its rate; NaN outside."""
-    by_rate: dict[float, list[float]] = {}
-    for rate, dist in exact:
-        by_rate.setdefault(rate, []).append(dist)
-    rates = sorted(by_rate)
-    dists = [float(np.mean(by_rate[r])) for r in rates]
-    if not rates[0] <= point[0] <= rates[-1]:
+    log_rates, dists = clean_points(np.log([r for r, _ in exact]), [d for _, d in exact])
+    x = math.log(point[0])
+    if not log_rates[0] <= x <= log_rates[-1]:
         return math.nan
-    if len(rates) == 1:
-        return point[1] - dists[0]
-    return point[1] - float(PchipInterpolator(np.log(rates), dists)(math.log(point[0])))
+    if len(log_rates) == 1:
+        return point[1] - float(dists[0])
+    return point[1] - float(PchipInterpolator(log_rates, dists)(x))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -212,7 +212,7 @@ def curves_of(doc: dict) -> list[dict]:
 # ------------------------------------------------------------- Bjøntegaard deltas
 
 
-def _clean(x, y) -> tuple[np.ndarray, np.ndarray]:
+def clean_points(x, y) -> tuple[np.ndarray, np.ndarray]:
     """Finite points sorted by x, duplicate x averaged (interpolants need x to rise)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -235,7 +235,7 @@ def _avg_integral(x, y, lo: float, hi: float, method: str) -> float:
 
 
 def _log(x) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):  # bpp <= 0 or NaN -> dropped by _clean
+    with np.errstate(divide="ignore", invalid="ignore"):  # bpp <= 0 or NaN -> dropped by clean_points
         return np.log(np.asarray(x, dtype=np.float64))
 
 
@@ -246,7 +246,7 @@ MIN_OVERLAP_LOG_RATE = math.log(1.1)  # BD-quality: rate interval, 10 %
 
 
 def _bd(x_ref, y_ref, x_test, y_test, method: str, min_overlap: float) -> tuple[float, list[float]]:
-    (xr, yr), (xt, yt) = _clean(x_ref, y_ref), _clean(x_test, y_test)
+    (xr, yr), (xt, yt) = clean_points(x_ref, y_ref), clean_points(x_test, y_test)
     need = 4 if method == "cubic" else 2
     if len(xr) < need or len(xt) < need:
         return math.nan, [math.nan, math.nan]

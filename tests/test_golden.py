@@ -87,14 +87,14 @@ def test_golden_level_bytes_decode_to_the_same_sample(golden, preset, level):
 def test_encoder_still_writes_the_golden_bytes(golden, preset, level):
     prefix = f"{preset}-{level}-"
     params = CoderParams.preset(preset)
-    z, data = encode_level(*tensors(golden, prefix), seed=SEED, level=level, params=params)
+    q_loc, q_scale, p_loc, p_scale = tensors(golden, prefix)
+    z, data = encode_level(q_loc, q_scale, p_loc, p_scale, seed=SEED, level=level, params=params)
     if data != golden[prefix + "bytes"].tobytes():  # or the bytes of a CPU that rounds its GEMMs differently
         variants = json.loads(VARIANTS_FILE.read_text(encoding="utf-8"))["cases"].get(f"{preset}-{level}", {})
         assert hashlib.sha256(data).hexdigest() in variants, (
             "the encoder writes different bytes; if intended: python tests/test_golden.py --regenerate "
             "(if only this CPU's matrix products round differently, record them in encoder_variants.json)"
         )
-        p_loc, p_scale = tensors(golden, prefix)[2:]
         back = decode_level(p_loc, p_scale, data, seed=SEED, level=level, params=params)
         assert torch.equal(back.view(torch.int32), z.view(torch.int32))
 
