@@ -58,6 +58,7 @@ one sort numbers the arrivals of each bin. The four methods stay in one module, 
 import math
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -441,59 +442,93 @@ def _arrival_bins(m, s, lay: BlockLayout, dims, local, n_cols, *, seed, level, b
 @torch.no_grad()
 def _orc_search(m, v, lay: BlockLayout, *, seed, level, budget, memory_elems, mix):
     """The orc / sp-orc search: the argmax of log r'(X_n) - log T_n over the first `budget` arrivals
-    of every block. Consecutive blocks go in batches, each in two passes over its arrivals: first
-    their bins (all of them, so that one sort gives every arrival its index k in its bin), then
-    their points and scores, a chunk of arrivals at a time."""
+    of every block. Consecutive blocks go in batches (`_orc_batch`). On a CPU with several torch threads
+    the batches run on that many Python threads, each op single-threaded: the search is mostly small
+    in-place integer ops on cache-sized chunks (codec/rng.py), which torch runs serially."""
     device = m.device
-    n_blocks = lay.n_blocks
     s = v.sqrt()
-    best = _Best(
-        torch.full((n_blocks,), -math.inf, dtype=torch.float64, device=device),
-        torch.zeros(n_blocks, dtype=torch.int64, device=device),
-        torch.ones(n_blocks, dtype=torch.int64, device=device),
-    )
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    per_batch = max(1, memory_elems // workers // budget)  # blocks a batch: its (budget, blocks) tables fit
     ends = torch.cumsum(lay.sizes, 0).tolist()
-    ns_all = torch.arange(budget, device=device)[:, None]
-    per_batch = max(1, memory_elems // budget)  # blocks a batch: its (budget, blocks) tables fit the memory
-    for b0 in range(0, n_blocks, per_batch):
-        b1 = min(n_blocks, b0 + per_batch)
-        blocks = torch.arange(b0, b1, device=device)
-        dims = torch.arange(ends[b0] - int(lay.sizes[b0]), ends[b1 - 1], device=device)
-        local = lay.dim_block[dims] - b0
-        arrivals = rng.pfr_private_uniforms(seed, level, rng.PFR_ARRIVAL, blocks, ns_all, torch.zeros_like(ns_all))
-        log_t = torch.log(torch.cumsum(-torch.log(arrivals), 0))  # (budget, A) log arrival times
-        keys, log_pi = _arrival_bins(
+    batches = [(b0, min(lay.n_blocks, b0 + per_batch)) for b0 in range(0, lay.n_blocks, per_batch)]
+
+    def run(batch: tuple[int, int]) -> _Best:
+        b0, b1 = batch
+        dims = (ends[b0] - int(lay.sizes[b0]), ends[b1 - 1])
+        return _orc_batch(
             m,
             s,
+            v,
             lay,
+            b0,
+            b1,
             dims,
-            local,
-            blocks.numel(),
             seed=seed,
             level=level,
             budget=budget,
-            memory_elems=memory_elems,
+            memory_elems=memory_elems // workers,
             mix=mix,
         )
-        spatial = bool(lay.bin_bits[dims].any())
-        ks = _ranks_in_bins(keys) if spatial else (ns_all + 1).expand_as(keys)
-        if int(ks.max()) >= MAX_INDEX:
-            raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller budget")
-        md, vd = m[dims], v[dims]
-        scale = lay.block_bin_bits[blocks] * _LN2  # log J
-        chunk = max(1, min(budget, memory_elems // dims.numel()))
-        for n0 in range(0, budget, chunk):
-            n1 = min(budget, n0 + chunk)
-            if spatial:
-                x = _points(seed, level, lay, dims, ks[n0:n1, local], keys[n0:n1, local])
-            else:  # one bin: point n of every block
-                x = _points(
-                    seed, level, lay, dims, ns_all[n0:n1] + 1, torch.zeros((), dtype=torch.int64, device=device)
-                )
-            x = x.double()
-            log_r = _block_sum(_log_ratio_dims(x, md, vd), local, blocks.numel())
-            score = log_r - scale - log_pi[n0:n1] - log_t[n0:n1]
-            _keep_best(best, blocks, score, keys[n0:n1], ks[n0:n1])
+
+    if workers == 1 or len(batches) == 1:
+        found = [run(b) for b in batches]
+    else:
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                found = list(pool.map(run, batches))
+        finally:
+            torch.set_num_threads(workers)
+    return _Best(*(torch.cat([getattr(f, k) for f in found]) for k in ("score", "key", "k")))
+
+
+def _orc_batch(m, s, v, lay: BlockLayout, b0, b1, dim_range, *, seed, level, budget, memory_elems, mix) -> _Best:
+    """The best arrivals of blocks b0..b1 - 1 (dims `dim_range`), in two passes over their arrivals:
+    first their bins (all of them, so that one sort gives every arrival its index k in its bin), then
+    their points and scores, a chunk of arrivals at a time."""
+    device = m.device
+    blocks = torch.arange(b0, b1, device=device)
+    best = _Best(
+        torch.full((b1 - b0,), -math.inf, dtype=torch.float64, device=device),
+        torch.zeros(b1 - b0, dtype=torch.int64, device=device),
+        torch.ones(b1 - b0, dtype=torch.int64, device=device),
+    )
+    dims = torch.arange(*dim_range, device=device)
+    local = lay.dim_block[dims] - b0
+    ns_all = torch.arange(budget, device=device)[:, None]
+    arrivals = rng.pfr_private_uniforms(seed, level, rng.PFR_ARRIVAL, blocks, ns_all, torch.zeros_like(ns_all))
+    log_t = torch.log(torch.cumsum(-torch.log(arrivals), 0))  # (budget, A) log arrival times
+    keys, log_pi = _arrival_bins(
+        m,
+        s,
+        lay,
+        dims,
+        local,
+        blocks.numel(),
+        seed=seed,
+        level=level,
+        budget=budget,
+        memory_elems=memory_elems,
+        mix=mix,
+    )
+    spatial = bool(lay.bin_bits[dims].any())
+    ks = _ranks_in_bins(keys) if spatial else (ns_all + 1).expand_as(keys)
+    if int(ks.max()) >= MAX_INDEX:
+        raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller budget")
+    md, vd = m[dims], v[dims]
+    scale = lay.block_bin_bits[blocks] * _LN2  # log J
+    chunk = max(1, min(budget, memory_elems // dims.numel()))
+    columns = torch.arange(b1 - b0, device=device)
+    for n0 in range(0, budget, chunk):
+        n1 = min(budget, n0 + chunk)
+        if spatial:
+            x = _points(seed, level, lay, dims, ks[n0:n1, local], keys[n0:n1, local])
+        else:  # one bin: point n of every block
+            x = _points(seed, level, lay, dims, ns_all[n0:n1] + 1, torch.zeros((), dtype=torch.int64, device=device))
+        x = x.double()
+        log_r = _block_sum(_log_ratio_dims(x, md, vd), local, blocks.numel())
+        score = log_r - scale - log_pi[n0:n1] - log_t[n0:n1]
+        _keep_best(best, columns, score, keys[n0:n1], ks[n0:n1])
     return best
 
 

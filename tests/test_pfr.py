@@ -181,6 +181,25 @@ def test_search_does_not_depend_on_chunking():
         assert torch.equal(runs[0][2]["steps"], runs[1][2]["steps"])
 
 
+def test_orc_search_on_several_threads_writes_the_same_bytes():
+    n_blocks = 60
+    m, v, info = channel(n_blocks, [0.5, 1.0, 2.0, 3.0], seed=15)
+    bins = sp_bits(info, n_blocks, 4)
+    for method, bin_bits, budget in (("orc", None, 64), ("sp-orc", bins, 16)):
+        runs = []
+        for threads in (1, 2, 3):  # 2 and 3 Python threads over 7-30 batches of blocks
+            torch.set_num_threads(threads)
+            try:
+                runs.append(
+                    pfr.encode_blocks(
+                        m, v, [4] * n_blocks, seed=5, method=method, budget=budget, bin_bits=bin_bits, memory_elems=600
+                    )[1]
+                )
+            finally:
+                torch.set_num_threads(1)
+        assert runs[0] == runs[1] == runs[2]
+
+
 def test_sp_orc_bin_weights_are_the_same_tabled_or_computed_per_arrival():
     n_blocks = 30
     m, v, info = channel(n_blocks, [0.5, 1.0, 2.0, 3.0], seed=14)
