@@ -80,6 +80,7 @@ INDEX_ALPHABET = 32  # symbols floor(log2 k) of the in-bin index k (< 28)
 _SEARCH_BAND_NATS = math.log(2.0)  # sp-pfr: bins whose next bound is within 2x of the top go together
 _BOUND_MARGIN_NATS = 1e-3  # the table's bin edges differ from Phi^-1's by ~1e-9: a safe r_max
 _LN2 = math.log(2.0)
+_PIECE_ELEMS = 1 << 16  # (arrivals x dims) values an orc / sp-orc step takes: about a 2-core CPU's cache
 DEFAULT_BIN_MIX = 0.05  # share of uniformly drawn bins in the sp-orc search (encoder-only)
 BOUNDED_MEAN_NATS = 1.0  # bounded_target: at most this much of a dim's D_inf from its mean shift
 BOUNDED_MIN_GAP = 1e-3  # ... and every variance at most 1 minus this
@@ -198,11 +199,27 @@ def bounded_target(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _points(seed, level, lay: BlockLayout, dims, ks, keys) -> torch.Tensor:
-    """float32 point k (1-based) of bin `keys` of each dim's block, for dims `dims` (broadcasting)."""
-    bits = lay.bin_bits[dims]
-    j = (keys >> lay.key_shift[dims]) & ((1 << bits) - 1)
-    words = rng.pfr_point_words(seed, level, lay.dim_block[dims], ks - 1, lay.dim_pos[dims], keys)
-    return rng.normal_quantile_words((j << (32 - bits)) | (words >> bits))
+    """float32 point k (1-based) of bin `keys` of each dim's block, for dims `dims` (broadcasting to at
+    most 2-D). Computed a cache-sized piece at a time (codec/rng.py's chunk): the ~30 integer ops per
+    value then stay in the cache instead of streaming whole (arrivals x dims) arrays through memory."""
+    shape = torch.broadcast_shapes(dims.shape, ks.shape, keys.shape)
+    out = torch.empty(shape, dtype=torch.float32, device=dims.device)
+    rows, cols = (1, *shape) if len(shape) == 1 else shape
+    per_dim = (lay.dim_block[dims], lay.dim_pos[dims], lay.bin_bits[dims], lay.key_shift[dims])
+    parts = [t.expand(shape).reshape(rows, cols) for t in (ks, keys, *per_dim)]  # views, no copies
+    step = rng.CHUNK if dims.device.type == "cpu" else max(1, rows * cols)  # a GPU takes it whole
+    if cols >= step:
+        pieces = [(slice(r, r + 1), slice(c, c + step)) for r in range(rows) for c in range(0, cols, step)]
+    else:
+        per = step // max(1, cols)
+        pieces = [(slice(r, r + per), slice(None)) for r in range(0, rows, per)]
+    flat = out.view(rows, cols)
+    for rs, cs in pieces:
+        k, key, block, pos, bits, shift = (t[rs, cs] for t in parts)
+        j = (key >> shift) & ((1 << bits) - 1)
+        words = rng.pfr_point_words(seed, level, block, k - 1, pos, key)
+        flat[rs, cs] = rng.normal_quantile_words((j << (32 - bits)) | (words >> bits))
+    return out
 
 
 def _log_interval_mass(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -426,7 +443,7 @@ def _arrival_bins(m, s, lay: BlockLayout, dims, local, n_cols, *, seed, level, b
     t_rep = torch.repeat_interleave(t_dims, t_bins)
     table = _log_bin_weight(md[t_rep], sd[t_rep], _segment_ranks(t_bins), bits[t_rep], mix)
     other = torch.nonzero(~tabled).squeeze(1)
-    chunk = max(1, min(budget, memory_elems // dims.numel()))
+    chunk = max(1, min(budget, memory_elems // dims.numel(), _PIECE_ELEMS // dims.numel()))
     for n0 in range(0, budget, chunk):
         ns = torch.arange(n0, min(budget, n0 + chunk), device=device)[:, None]
         j = _draw_bins(md, sd, bits, blocks, positions, ns, seed=seed, level=level, mix=mix)
@@ -517,7 +534,7 @@ def _orc_batch(m, s, v, lay: BlockLayout, b0, b1, dim_range, *, seed, level, bud
         raise ValueError(f"a bin index reached {MAX_INDEX}: use a smaller budget")
     md, vd = m[dims], v[dims]
     scale = lay.block_bin_bits[blocks] * _LN2  # log J
-    chunk = max(1, min(budget, memory_elems // dims.numel()))
+    chunk = max(1, min(budget, memory_elems // dims.numel(), _PIECE_ELEMS // dims.numel()))
     columns = torch.arange(b1 - b0, device=device)
     for n0 in range(0, budget, chunk):
         n1 = min(budget, n0 + chunk)

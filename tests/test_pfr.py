@@ -314,6 +314,31 @@ def test_allocation_follows_information_and_sums_to_the_block_bits():
     assert bits[5] + bits[6] >= 4
 
 
+def test_points_computed_in_pieces_equal_the_whole_array_formula():
+    g = torch.Generator().manual_seed(4)
+    sizes = torch.randint(1, 40, (3000,), generator=g)
+    lay = pfr.make_layout(sizes, torch.randint(0, 2, (int(sizes.sum()),), generator=g), "cpu")
+    n = lay.dim_block.numel()  # > rng.CHUNK: a row spans several pieces
+    keys = torch.randint(0, 1 << 40, (4, lay.n_blocks), generator=g)
+    ks = torch.randint(1, 1000, (4, lay.n_blocks), generator=g)
+
+    def whole(dims, k, key):
+        bits = lay.bin_bits[dims]
+        words = rng.pfr_point_words(9, 2, lay.dim_block[dims], k - 1, lay.dim_pos[dims], key)
+        j = (key >> lay.key_shift[dims]) & ((1 << bits) - 1)
+        return rng.normal_quantile_words((j << (32 - bits)) | (words >> bits))
+
+    dims, few = torch.arange(n), torch.arange(1000)  # and pieces of several rows
+    cases = [
+        (dims, ks[:, lay.dim_block], keys[:, lay.dim_block]),
+        (dims, ks[0, lay.dim_block], keys[0, lay.dim_block]),
+        (few, torch.arange(1, 101)[:, None], torch.zeros((), dtype=torch.int64)),
+    ]
+    assert n > rng.CHUNK
+    for args in cases:
+        assert torch.equal(pfr._points(9, 2, lay, *args).view(torch.int32), whole(*args).view(torch.int32))
+
+
 def test_point_stream_is_frozen():
     """The PFR domain's values: changing them would change every coded sample (RNG_VERSION)."""
     blocks, ks, dims = torch.tensor([0, 0, 5]), torch.tensor([0, 1, 7]), torch.tensor([0, 2, 1])
