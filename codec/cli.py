@@ -196,7 +196,10 @@ def cmd_encode(args) -> int:
             data, x_hat, stats = compress(beta)
         else:
             image = image_pixels(x).to(args.device)
-            data, x_hat, stats = compress_to_bpp(compress, model.to(args.device), image, args.bpp, tile=tile)
+            coder = args.coder or api.default_coder(model)
+            data, x_hat, stats = compress_to_bpp(
+                compress, model.to(args.device), image, args.bpp, tile=tile, coder=coder
+            )
             miss = stats["bpp"] / args.bpp - 1
             if abs(miss) > BPP_TOLERANCE:
                 say(

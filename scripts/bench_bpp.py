@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--target", type=float, nargs="+", default=[0.15, 0.3, 0.6], metavar="BPP")
     p.add_argument("--model", help="a variable-rate model (default: weights/DEFAULT)")
-    p.add_argument("--coder", default="thesis", choices=PRESETS)
+    p.add_argument("--coder", choices=PRESETS, help="coder preset (default: the model's, as `rec-codec encode`)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int)
     p.add_argument("-o", "--output", required=True)
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not model.variable_rate:
         print(f"bench_bpp.py: error: {ref.name} is not a variable-rate model", file=sys.stderr)
         return 2
+    coder = args.coder or api.default_coder(model)
     rows = []
     images = find_images(Path(args.data))[: args.limit]
     for path in tqdm(images, file=sys.stderr, unit="img"):
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.target:
             t0 = time.perf_counter()
             data, _, stats = compress_to_bpp(
-                lambda b: api.compress_image(model, img, model_ref=ref, params=args.coder, beta=b), model, x, target
+                lambda b: api.compress_image(model, img, model_ref=ref, params=coder, beta=b),
+                model,
+                x,
+                target,
+                coder=coder,
             )
             rows.append(
                 {
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "source": "bench_bpp",
         "model": ref.name,
-        "coder": args.coder,
+        "coder": coder,
         "tolerance": BPP_TOLERANCE,
         "dataset": Path(args.data).name,
         "threads": args.threads,

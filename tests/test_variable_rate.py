@@ -16,6 +16,7 @@ from codec.api import compress_image, decompress
 from codec.store import ModelStore
 from codec.bitstream import RecFormatError, RecHeader, beta_from_code, beta_to_code, pack_rec, unpack_rec
 from codec.params import PRESETS, CoderParams, LevelParams
+from codec import rate
 from codec.rate import QUALITY_LEVELS, quality_beta
 from models import ModelConfig, build_model, load_model, save_model
 from training import start
@@ -232,6 +233,33 @@ def test_bpp_target_lands_within_3_percent(cli):
         rec = json.loads(out)
         assert code == 0 and err == ""
         assert abs(rec["bpp"] / target - 1) <= 0.03 and rec["target_bpp"] == pytest.approx(target, abs=1e-4)
+
+
+def test_coder_overhead_follows_the_coders_table_in_log_kl_and_is_flat_beyond_it():
+    table = rate.CODER_OVERHEAD["thesis"]
+    assert [rate.coder_overhead("thesis", r) for r, _ in table] == pytest.approx([c for _, c in table])
+    (r0, c0), (r1, c1) = table[:2]
+    assert rate.coder_overhead("thesis", math.sqrt(r0 * r1)) == pytest.approx((c0 + c1) / 2)
+    assert rate.coder_overhead("thesis", r0 / 10) == c0 and rate.coder_overhead("thesis", 100.0) == table[-1][1]
+    assert rate.coder_overhead("irec", 0.3) == rate.coder_overhead(None, 0.3) == rate.OTHER_CODER_OVERHEAD
+
+
+def test_bpp_search_takes_its_first_guess_from_the_coders_overhead():
+    model, x = rate_controlled_model(), torch.from_numpy(photo(128, 192)).permute(2, 0, 1)[None]
+    search = rate.BetaSearch(model, x, tile=0)
+    pixels, header = 128 * 192, rate.HEADER_BITS
+
+    def compress(beta):  # a coder that writes exactly the "sp-orc-predicted" table's bits
+        kl = rate.kl_bits(model, x, beta, tile=0)
+        bits = rate.coder_overhead("sp-orc-predicted", kl / pixels) * kl
+        stats = {"bpp": (bits + header) / pixels, "beta": beta, "levels": [{"bits": bits}]}
+        return bytes(round((bits + header) / 8)), None, stats
+
+    kl = search.kl_at(beta_to_code(1.0))  # ~0.1 KL bits a pixel
+    target = (rate.coder_overhead("sp-orc-predicted", kl / pixels) * kl + header) / pixels
+    for coder, files in (("sp-orc-predicted", 1), ("thesis", 2)):  # the tables differ by > 3 % there
+        _, _, stats = rate.compress_to_bpp(compress, model, x, target, tile=0, coder=coder)
+        assert stats["attempts"] == files and abs(stats["bpp"] / target - 1) <= rate.BPP_TOLERANCE
 
 
 def test_unreachable_bpp_target_is_coded_as_close_as_possible_with_a_note(cli):
