@@ -165,6 +165,7 @@ def cmd_encode(args) -> int:
             raise UsageError(f"--lossless: model {ref.name} has no lossless head; choose a model that has one")
     if args.coder == "sp-orc-predicted" and model.rate_head is None:
         raise UsageError(f"--coder sp-orc-predicted: model {ref.name} has no rate head; choose a model that has one")
+    coder = args.coder or api.default_coder(model)
     beta = _rate_setting(args, model, ref.name)
     tile = tiling.DEFAULT_TILE if args.tile is None else args.tile
     if tile:
@@ -184,7 +185,7 @@ def cmd_encode(args) -> int:
                 x,
                 model_ref=ref,
                 seed=args.seed,
-                params=args.coder,
+                params=coder,
                 device=args.device,
                 max_pixels=max_pixels,
                 beta=b,
@@ -196,7 +197,6 @@ def cmd_encode(args) -> int:
             data, x_hat, stats = compress(beta)
         else:
             image = image_pixels(x).to(args.device)
-            coder = args.coder or api.default_coder(model)
             data, x_hat, stats = compress_to_bpp(
                 compress, model.to(args.device), image, args.bpp, tile=tile, coder=coder
             )

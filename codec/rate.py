@@ -14,6 +14,7 @@ A fixed-β model has one rate per image; these need a variable-rate model (Model
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from codec import tiling
@@ -59,14 +60,8 @@ def coder_overhead(coder: str | None, kl_bpp: float) -> float:
     table = CODER_OVERHEAD.get(coder)
     if table is None:
         return OTHER_CODER_OVERHEAD
-    x = math.log(max(kl_bpp, 1e-9))
-    points = [(math.log(r), c) for r, c in table]
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, c0), (x1, c1) in zip(points, points[1:]):
-        if x <= x1:
-            return c0 + (c1 - c0) * (x - x0) / (x1 - x0)
-    return points[-1][1]
+    rates, overheads = zip(*table)
+    return float(np.interp(math.log(max(kl_bpp, 1e-9)), np.log(rates), overheads))
 
 
 @torch.inference_mode()
